@@ -1,0 +1,14 @@
+"""sweeper: measure how many layers of a pretrained network to freeze when fine-tuning.
+
+The data flow, one module each: config (``conf/``) -> :mod:`sweeper.backbones` (families cut
+into freeze units) + :mod:`sweeper.weights` / :mod:`sweeper.pretrain` -> :mod:`sweeper.freeze`
+(the frozen prefix) -> :mod:`sweeper.data` -> :mod:`sweeper.train` (the loop and its timing)
+-> :mod:`sweeper.tracking` (MLflow); :mod:`sweeper.trial` ties one trial together and
+:mod:`sweeper.run` is the Hydra entry point.
+"""
+
+from sweeper.freeze import FreezeNet
+from sweeper.model import build
+from sweeper.trial import OBJECTIVES, run_trial
+
+__all__ = ["OBJECTIVES", "FreezeNet", "build", "run_trial"]

@@ -1,0 +1,171 @@
+"""Backbones split into freeze units: the one place that decides what a "layer" is per family.
+
+Every family becomes an ordered list of backbone units whose composition is the torchvision
+model's own forward up to (and including) its pooled feature vector, followed by a new linear
+head. Freezing is always a prefix of that list (see :mod:`sweeper.freeze`).
+
+=====================  =====  ==============================================================
+family                 units  what one unit is
+=====================  =====  ==============================================================
+resnet18               9      stem (conv1, bn1, relu, maxpool); each of the 8 basic blocks
+resnet50               17     stem; each of the 16 bottleneck blocks
+mobilenet_v3_small     13     each entry of ``features`` (stem conv, 11 inverted-residual
+                              blocks, last conv); the last also holds the pooling and the
+                              pretrained pre-logits layer (Linear 576->1024, Hardswish)
+efficientnet_b0        18     stem conv; each of the 16 MBConv blocks; the last 1x1 conv
+convnext_tiny          19     stem; each of the 18 ConvNeXt blocks, a downsampling layer
+                              going with the first block after it; the last also holds the
+                              pooling and the pretrained LayerNorm
+vit_b_16               13     patch embedding (conv, class token, position embedding); each
+                              of the 12 encoder layers; the last also holds the final
+                              LayerNorm and takes the class token
+=====================  =====  ==============================================================
+
+The last backbone unit always ends in a flat feature vector, so the head is just a new
+``Linear`` (with the family's dropout in front where it has one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import vision_transformer as tv_vit
+
+
+@dataclass(frozen=True)
+class Split:
+    """A torchvision model cut into backbone units, plus the width and dropout of its head."""
+
+    units: list[nn.Module]
+    unit_names: list[str]
+    feature_dim: int
+    head_dropout: float
+
+
+class _Pooled(nn.Sequential):
+    """A unit followed by global average pooling and flattening (and whatever comes after)."""
+
+
+def _pool_flatten() -> list[nn.Module]:
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+
+
+def _split_resnet(model: torchvision.models.ResNet) -> Split:
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+    names = ["stem"] + [
+        f"layer{i}.{j}"
+        for i, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4), 1)
+        for j in range(len(layer))
+    ]
+    blocks[-1] = _Pooled(blocks[-1], *_pool_flatten())
+    return Split([stem, *blocks], names, model.fc.in_features, 0.0)
+
+
+def _split_mobilenet_v3(model: torchvision.models.MobileNetV3) -> Split:
+    features = list(model.features)
+    names = [f"features.{i}" for i in range(len(features))]
+    pre_logits = list(model.classifier)[:-1]  # Linear, Hardswish, Dropout: pretrained
+    features[-1] = _Pooled(features[-1], *_pool_flatten(), *pre_logits)
+    last = model.classifier[-1]
+    return Split(features, names, last.in_features, 0.0)
+
+
+def _split_efficientnet(model: torchvision.models.EfficientNet) -> Split:
+    stem, *stages, last = list(model.features)
+    blocks = [b for stage in stages for b in stage]
+    names = ["stem"] + [
+        f"features.{i}.{j}" for i, stage in enumerate(stages, 1) for j in range(len(stage))
+    ] + [f"features.{len(stages) + 1}"]
+    last = _Pooled(last, *_pool_flatten())
+    dropout = model.classifier[0].p
+    return Split([stem, *blocks, last], names, model.classifier[-1].in_features, dropout)
+
+
+def _split_convnext(model: torchvision.models.ConvNeXt) -> Split:
+    features = list(model.features)
+    units: list[nn.Module] = [features[0]]
+    names = ["stem"]
+    pending_downsample: nn.Module | None = None
+    for i, part in enumerate(features[1:], 1):
+        if i % 2 == 0:  # features 2, 4, 6 are the downsampling layers between stages
+            pending_downsample = part
+            continue
+        for j, block in enumerate(part):
+            if pending_downsample is not None:
+                block = nn.Sequential(pending_downsample, block)
+                pending_downsample = None
+            units.append(block)
+            names.append(f"features.{i}.{j}")
+    norm, flatten, last = model.classifier
+    units[-1] = _Pooled(units[-1], model.avgpool, norm, flatten)
+    return Split(units, names, last.in_features, 0.0)
+
+
+class _ViTEmbed(nn.Module):
+    """Patch embedding, class token, position embedding and dropout of a VisionTransformer."""
+
+    def __init__(self, model: tv_vit.VisionTransformer) -> None:
+        super().__init__()
+        self.conv_proj = model.conv_proj
+        self.class_token = model.class_token
+        self.pos_embedding = model.encoder.pos_embedding
+        self.dropout = model.encoder.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (n, c, h, w) -> (n, hidden, h/p, w/p) -> (n, tokens, hidden), as VisionTransformer does
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self.pos_embedding)
+
+
+class _ClassToken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+def _split_vit(model: tv_vit.VisionTransformer) -> Split:
+    layers = list(model.encoder.layers)
+    names = ["embed"] + [f"encoder.layers.{i}" for i in range(len(layers))]
+    layers[-1] = _Pooled(layers[-1], model.encoder.ln, _ClassToken())
+    head = model.heads.head
+    return Split([_ViTEmbed(model), *layers], names, head.in_features, 0.0)
+
+
+@dataclass(frozen=True)
+class Family:
+    builder: Callable[..., nn.Module]
+    split: Callable[[nn.Module], Split]
+    weights_enum: type[torchvision.models.WeightsEnum]
+    # State-dict key prefix of the classifier layer that the new head replaces.
+    replaced_keys: str
+
+
+FAMILIES: dict[str, Family] = {
+    "resnet18": Family(torchvision.models.resnet18, _split_resnet,
+                       torchvision.models.ResNet18_Weights, "fc."),
+    "resnet50": Family(torchvision.models.resnet50, _split_resnet,
+                       torchvision.models.ResNet50_Weights, "fc."),
+    "mobilenet_v3_small": Family(torchvision.models.mobilenet_v3_small, _split_mobilenet_v3,
+                                 torchvision.models.MobileNet_V3_Small_Weights, "classifier.3."),
+    "efficientnet_b0": Family(torchvision.models.efficientnet_b0, _split_efficientnet,
+                              torchvision.models.EfficientNet_B0_Weights, "classifier.1."),
+    "convnext_tiny": Family(torchvision.models.convnext_tiny, _split_convnext,
+                            torchvision.models.ConvNeXt_Tiny_Weights, "classifier.2."),
+    "vit_b_16": Family(torchvision.models.vit_b_16, _split_vit,
+                       torchvision.models.ViT_B_16_Weights, "heads.head."),
+}
+
+
+def build_torchvision(name: str, **kwargs) -> nn.Module:
+    """The torchvision model ``name`` with random weights (weights are loaded separately)."""
+    return FAMILIES[name].builder(weights=None, **kwargs)
+
+
+def split(name: str, model: nn.Module) -> Split:
+    """Cut a torchvision model of family ``name`` into its freeze units."""
+    return FAMILIES[name].split(model)

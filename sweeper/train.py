@@ -1,0 +1,188 @@
+"""The training loop of one trial, and how its time is measured.
+
+Time is measured in one place, here: ``train_time_s`` is the wall time of the training steps
+(batch gathering + forward + backward + optimizer step), synchronised with the GPU when there
+is one; evaluation time is kept apart. Both are per epoch and summed over the trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from sweeper.data import Data, Normalize, Split
+from sweeper.errors import UserError
+from sweeper.freeze import FreezeNet
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: the learning rate is too high for this setting."""
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_acc: float
+    epoch_time_s: float  # training part of the epoch only
+    eval_time_s: float
+    images_per_s: float
+
+
+@dataclass
+class FitResult:
+    epochs: list[EpochStats] = field(default_factory=list)
+
+    @property
+    def train_time_s(self) -> float:
+        return sum(e.epoch_time_s for e in self.epochs)
+
+    @property
+    def eval_time_s(self) -> float:
+        return sum(e.eval_time_s for e in self.epochs)
+
+    @property
+    def val_acc(self) -> float:
+        return self.epochs[-1].val_acc
+
+    @property
+    def best_val_acc(self) -> float:
+        return max(e.val_acc for e in self.epochs)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but no CUDA device is available; "
+                        "use trainer.device=auto or trainer.device=cpu.")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, normalize: Normalize, device: torch.device,
+             batch_size: int, amp: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on ``split`` (model put in eval mode, then restored)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(split), batch_size):
+        x = _batch(split.images[start:start + batch_size], device)
+        y = split.labels[start:start + batch_size].to(device, non_blocking=True)
+        with _autocast(device, amp):
+            correct += (model(normalize(x)).argmax(1) == y).sum()
+    model.train(was_training)
+    return correct.item() / len(split)
+
+
+def make_optimizer(model: FreezeNet, optim: DictConfig, steps: int):
+    """The configured torch optimizer over trainable parameters only, and its LR schedule."""
+    groups = model.param_groups(float(optim.lr_head), float(optim.lr_backbone))
+    opt = instantiate(optim.optimizer)(groups, lr=float(optim.lr_head),
+                                       weight_decay=float(optim.weight_decay))
+    if optim.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    elif optim.schedule == "constant":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    else:
+        raise UserError(f"optim.schedule={optim.schedule!r}: use cosine or constant.")
+    return opt, sched
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
+        device: torch.device, on_epoch: Callable[[EpochStats], None] | None = None) -> FitResult:
+    """Train ``model`` on ``data.train`` for ``trainer.epochs``, evaluating on val each epoch.
+
+    ``on_epoch`` is called after every epoch with its stats (for logging, progress and
+    pruning: it may raise to stop the trial).
+    """
+    bs, n = int(trainer.batch_size), len(data.train)
+    # A trailing batch of one image breaks BatchNorm in train mode: drop it.
+    n_used = n - 1 if n % bs == 1 and n > 1 else n
+    steps_per_epoch = math.ceil(n_used / bs)
+    opt, sched = make_optimizer(model, optim, steps_per_epoch * int(trainer.epochs))
+    normalize = data.normalize.to(device)
+    train_x, train_y = data.train.images, data.train.labels
+    if device.type == "cuda":  # small sets: keep them on the GPU, no copies per step
+        train_x, train_y = train_x.to(device), train_y.to(device)
+    gen = torch.Generator().manual_seed(int(trainer.seed))
+    loss_fn = nn.CrossEntropyLoss()
+    result = FitResult()
+    for epoch in range(int(trainer.epochs)):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        _sync(device)
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=gen)[:n_used].to(train_x.device)
+        for start in range(0, n_used, bs):
+            idx = order[start:start + bs]
+            x, y = _batch(train_x[idx], device), train_y[idx].to(device, non_blocking=True)
+            with _autocast(device, bool(trainer.amp)):
+                logits = model(normalize(x))
+                loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+        _sync(device)
+        epoch_time = time.perf_counter() - t0
+        train_loss = loss_sum.item() / n_used
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"Training diverged: the loss became {train_loss} in epoch {epoch + 1}. "
+                f"Lower the learning rates (optim.lr_head={optim.lr_head}, "
+                f"optim.lr_backbone={optim.lr_backbone})."
+            )
+        t1 = time.perf_counter()
+        val_acc = evaluate(model, data.val, normalize, device, bs * 4, bool(trainer.amp))
+        eval_time = time.perf_counter() - t1
+        stats = EpochStats(epoch + 1, train_loss, correct.item() / n_used, val_acc,
+                           epoch_time, eval_time, n_used / epoch_time)
+        result.epochs.append(stats)
+        log.info("epoch %d/%d  loss %.4f  train_acc %.3f  val_acc %.3f  %.2fs  %.0f img/s",
+                 stats.epoch, trainer.epochs, stats.train_loss, stats.train_acc, stats.val_acc,
+                 stats.epoch_time_s, stats.images_per_s)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return result
