@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny configs composed from the real conf/ tree, outputs in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+# Small and fast: random-init ResNet-18 on 32 px FakeData, one epoch.
+TINY = [
+    "backbone.weights=none",
+    "dataset=fake",
+    "trainer.epochs=1",
+    "trainer.batch_size=8",
+    "trainer.device=cpu",
+]
+
+
+@pytest.fixture
+def outputs(tmp_path: Path) -> Path:
+    """A fresh outputs/ folder (MLflow store, runs, checkpoints) for one test."""
+    out = tmp_path / "outputs"
+    out.mkdir()
+    return out
+
+
+@pytest.fixture
+def make_cfg(outputs: Path):
+    """Compose ``conf/config.yaml`` with TINY plus ``overrides``, writing under ``outputs``."""
+
+    def make(*overrides: str, tiny: bool = True) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", overrides=[*(TINY if tiny else []),
+                                                f"paths.outputs={outputs}", *overrides])
+
+    return make
+
+
+@pytest.fixture
+def cli(outputs: Path):
+    """Run ``python -m sweeper.run ARGS`` in a subprocess with TINY defaults and ``outputs``."""
+
+    def run(*args: str, tiny: bool = True, env: dict | None = None, timeout: float = 600):
+        cmd = [sys.executable, "-m", "sweeper.run", *(TINY if tiny else []),
+               f"paths.outputs={outputs}", *args]
+        full_env = {**os.environ, "HYDRA_FULL_ERROR": "", **(env or {})}
+        full_env.pop("MLFLOW_TRACKING_URI", None)
+        return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def mlflow_client(outputs: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
