@@ -159,7 +159,7 @@ def _image_folder(cfg: DictConfig) -> tuple[Pool, None]:
     def load(idx: torch.Tensor) -> torch.Tensor:
         out = []
         for i in idx.tolist():
-            img = torchvision.io.decode_image(folder.samples[i][0], mode=torchvision.io.ImageReadMode.RGB)
+            img = TF.pil_to_tensor(folder.loader(folder.samples[i][0]))  # RGB, decoded once
             out.append(TF.center_crop(TF.resize(img, size, antialias=True), [size, size]))
         return torch.stack(out)
 

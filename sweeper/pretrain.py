@@ -76,7 +76,7 @@ def source_run_id(path: str | os.PathLike) -> str | None:
 def _pretrain(cfg: DictConfig, path: Path) -> None:
     src = cfg.source
     log.info("Pretraining %s on the source task (%s, classes %s) -> %s",
-             cfg.backbone.name, src.dataset.name, list(src.dataset.classes), path)
+             cfg.backbone.name, src.dataset.name, src.dataset.classes or "all", path)
     run = Tracker(cfg.tracking).start(
         f"pretrain-{path.stem}", tags={"sweeper.kind": "pretrain", **environment_tags()})
     try:

@@ -1,0 +1,122 @@
+"""Freezing is complete for every backbone family: what users rely on when they freeze units."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sweeper import backbones
+from sweeper.model import build
+from sweeper.train import make_optimizer
+
+CONF = OmegaConf.create
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _backbone(name: str, num_units: int):
+    kwargs = {"image_size": 32} if name == "vit_b_16" else {}
+    return CONF({"name": name, "num_units": num_units, "weights": None, "kwargs": kwargs})
+
+
+def _num_units(name: str) -> int:
+    return OmegaConf.load(CONF_DIR / "backbone" / f"{name}.yaml").num_units
+
+
+OPTIM = CONF({"lr_head": 0.1, "lr_backbone": 0.1, "weight_decay": 0.01, "schedule": "cosine",
+              "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9}})
+
+
+def _train_steps(model, steps: int = 2) -> None:
+    opt, sched = make_optimizer(model, OPTIM, steps)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(4, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 3, (4,), generator=gen)
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return opt
+
+
+@pytest.mark.parametrize("name", list(backbones.FAMILIES))
+def test_units_cover_every_parameter_once(name):
+    model, tv_model = build(_backbone(name, _num_units(name)), 3, 0, None)
+    seen = [id(p) for unit in model.units for p in unit.parameters()]
+    seen += [id(p) for p in model.head.parameters()]
+    assert len(seen) == len(set(seen)), "a parameter belongs to two units"
+    replaced = backbones.FAMILIES[name].replaced_keys
+    backbone_params = {id(p) for k, p in tv_model.named_parameters() if not k.startswith(replaced)}
+    unit_params = {id(p) for unit in model.units for p in unit.parameters()}
+    assert unit_params == backbone_params
+    assert model.num_units == _num_units(name) == len(model.unit_names)
+
+
+@pytest.mark.parametrize("name", list(backbones.FAMILIES))
+def test_frozen_prefix_does_not_move_and_the_rest_trains(name):
+    torch.manual_seed(0)
+    n = _num_units(name)
+    unfrozen = max(1, n // 3)
+    model, _ = build(_backbone(name, n), 3, unfrozen, None)
+    frozen = model.frozen_units()
+    before = {k: v.clone() for u, unit in enumerate(frozen) for k, v in
+              ((f"{u}.{k}", v) for k, v in unit.state_dict().items())}  # params and BN buffers
+    trainable_before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    opt = _train_steps(model)
+
+    after = {f"{u}.{k}": v for u, unit in enumerate(frozen) for k, v in unit.state_dict().items()}
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"frozen {k} changed"
+    trainable_after = [p.detach() for p in model.parameters() if p.requires_grad]
+    for b, a in zip(trainable_before, trainable_after, strict=True):
+        assert not torch.equal(b, a), "a trainable parameter did not change"
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    frozen_params = {id(p) for unit in frozen for p in unit.parameters()}
+    assert in_optimizer.isdisjoint(frozen_params)
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    # train() must not put frozen units (BatchNorm, dropout) back into training mode
+    model.train()
+    assert all(not m.training for unit in frozen for m in unit.modules())
+    assert all(m.training for unit in model.trainable_units() for m in unit.modules())
+
+
+def test_no_backward_through_the_frozen_prefix():
+    model, _ = build(_backbone("resnet18", 9), 3, 2, None)
+    h = model.forward_frozen(torch.randn(2, 3, 32, 32))
+    assert h.grad_fn is None and not h.requires_grad
+
+
+@pytest.mark.parametrize("unfrozen", ["zero", "all"])
+def test_extreme_depths(unfrozen):
+    n = 9
+    model, _ = build(_backbone("resnet18", n), 3, 0 if unfrozen == "zero" else n, None)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    head = {id(p) for p in model.head.parameters()}
+    if unfrozen == "zero":  # a linear probe: the head alone
+        assert trainable == head
+    else:  # full fine-tuning: everything
+        assert trainable == {id(p) for p in model.parameters()}
+    trainable_count, frozen_count = model.count_parameters()
+    assert trainable_count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert frozen_count == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("name", list(backbones.FAMILIES))
+def test_units_compute_the_torchvision_forward(name):
+    """Cutting into units changes nothing: their composition is torchvision's own network."""
+    torch.manual_seed(0)
+    model, tv_model = build(_backbone(name, _num_units(name)), 1000, 0, None)
+    tv_model.eval()
+    model.eval()
+    head = model.head[-1] if isinstance(model.head, torch.nn.Sequential) else model.head
+    classifier = tv_model.get_submodule(backbones.FAMILIES[name].replaced_keys.rstrip("."))
+    head.load_state_dict(classifier.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), tv_model(x), rtol=1e-4, atol=1e-4)
