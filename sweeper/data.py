@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torchvision
 from filelock import FileLock
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -142,9 +142,9 @@ def _digits(cfg: DictConfig) -> tuple[Pool, None]:
 
 
 def _image_folder(cfg: DictConfig) -> tuple[Pool, None]:
-    if cfg.root is None or not Path(cfg.root).is_dir():
+    if OmegaConf.is_missing(cfg, "root") or cfg.root is None or not Path(cfg.root).is_dir():
         raise UserError(
-            f"dataset.root={cfg.root} is not a folder. Point it at a folder with one subfolder "
+            f"dataset.root={cfg._get_node('root')._value()} is not a folder. Point it at a folder with one subfolder "
             "of images per class:  dataset=image_folder dataset.root=/path/to/images"
         )
     try:

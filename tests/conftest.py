@@ -46,11 +46,12 @@ def make_cfg(outputs: Path):
 
 @pytest.fixture
 def cli(outputs: Path):
-    """Run ``python -m sweeper.run ARGS`` in a subprocess with TINY defaults and ``outputs``."""
+    """Run ``python -m sweeper.run FLAGS TINY OVERRIDES`` in a subprocess, writing to ``outputs``."""
 
-    def run(*args: str, tiny: bool = True, env: dict | None = None, timeout: float = 600):
-        cmd = [sys.executable, "-m", "sweeper.run", *(TINY if tiny else []),
-               f"paths.outputs={outputs}", *args]
+    def run(*overrides: str, flags: tuple[str, ...] = (), tiny: bool = True,
+            env: dict | None = None, timeout: float = 600):
+        cmd = [sys.executable, "-m", "sweeper.run", *flags, *(TINY if tiny else []),
+               f"paths.outputs={outputs}", *overrides]
         full_env = {**os.environ, "HYDRA_FULL_ERROR": "", **(env or {})}
         full_env.pop("MLFLOW_TRACKING_URI", None)
         return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
