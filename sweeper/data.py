@@ -142,9 +142,10 @@ def _digits(cfg: DictConfig) -> tuple[Pool, None]:
 
 
 def _image_folder(cfg: DictConfig) -> tuple[Pool, None]:
-    if OmegaConf.is_missing(cfg, "root") or cfg.root is None or not Path(cfg.root).is_dir():
+    root = "???" if OmegaConf.is_missing(cfg, "root") else cfg.root
+    if root == "???" or root is None or not Path(root).is_dir():
         raise UserError(
-            f"dataset.root={cfg._get_node('root')._value()} is not a folder. Point it at a folder with one subfolder "
+            f"dataset.root={root} is not a folder. Point it at a folder with one subfolder "
             "of images per class:  dataset=image_folder dataset.root=/path/to/images"
         )
     try:
