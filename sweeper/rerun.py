@@ -1,0 +1,99 @@
+"""``python -m sweeper.rerun RUN_ID``: train a logged trial again with its exact configuration.
+
+The trial's resolved config is read back from its MLflow run (artifact ``config.yaml``), so
+the re-run does not depend on today's defaults in ``conf/``. The new run is logged in the
+same experiment, tagged ``rerun_of=RUN_ID``; a warning says so when the code version (git
+commit or uncommitted changes) differs from the one the original ran with. On CPU with
+``trainer.deterministic=true`` the validation accuracy is reproduced exactly.
+
+Extra ``key=value`` arguments override the logged config (e.g. ``trainer.device=cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper.errors import UserError
+
+log = logging.getLogger("sweeper.rerun")
+
+DEFAULT_URI = "sqlite:///outputs/mlflow.db"
+
+
+def logged_config(run_id: str, tracking_uri: str) -> tuple[DictConfig, Any]:
+    """The resolved config a trial ran with, and its MLflow run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from sweeper.tracking import absolute_uri
+
+    client = MlflowClient(tracking_uri=absolute_uri(tracking_uri))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"No MLflow run {run_id} in {tracking_uri}. Copy the run id from the "
+                        "MLflow UI, and pass --tracking-uri if the store is elsewhere.") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "config.yaml", tmp)
+        except (MlflowException, OSError):
+            raise UserError(f"Run {run_id} has no config.yaml artifact: it is not a sweeper "
+                            "trial (or its artifacts were deleted).") from None
+        return OmegaConf.load(path), run
+
+
+def rerun(run_id: str, tracking_uri: str | None = None, overrides: list[str] | None = None
+          ) -> dict[str, Any]:
+    """Re-run trial ``run_id`` from its logged config; returns the new trial's results."""
+    from sweeper.tracking import git_state
+    from sweeper.trial import run_trial
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    cfg, original = logged_config(run_id, uri)
+    cfg.tracking.uri = uri
+    cfg.tracking.experiment = original.data.params.get("tracking.experiment",
+                                                       cfg.tracking.experiment)
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        except Exception as e:  # noqa: BLE001 - a malformed override is the user's to fix
+            raise UserError(f"Could not apply overrides {overrides}: {e}") from None
+    then = {k: original.data.tags.get(k, "unknown") for k in ("git_commit", "git_dirty")}
+    now = git_state()
+    if then != now or now["git_dirty"] == "true":
+        log.warning("Code version differs from the original run: it ran %s (dirty: %s), this is "
+                    "%s (dirty: %s). Results may differ.", then["git_commit"][:12],
+                    then["git_dirty"], now["git_commit"][:12], now["git_dirty"])
+    result = run_trial(cfg, tags={"rerun_of": run_id})
+    before = original.data.metrics.get("val_acc")
+    log.info("val_acc: original %s, re-run %.4f%s", before, result["val_acc"],
+             "  (identical)" if before == result["val_acc"] else "")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeper.rerun", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_id", help="MLflow run id of the trial to re-run")
+    parser.add_argument("overrides", nargs="*", help="key=value changes to the logged config")
+    parser.add_argument("--tracking-uri", default=None,
+                        help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        rerun(args.run_id, args.tracking_uri, args.overrides)
+    except UserError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

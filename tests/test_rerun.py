@@ -1,0 +1,31 @@
+"""Any logged trial can be re-run from MLflow to the same validation accuracy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sweeper.rerun import rerun
+from sweeper.trial import run_trial
+
+
+def test_rerun_reproduces_val_acc_exactly(make_cfg, outputs, mlflow_client):
+    cfg = make_cfg("dataset=digits", "dataset.train_per_class=10", "dataset.val_per_class=10",
+                   "dataset.test_per_class=5", "trainer.epochs=2", "trainer.deterministic=true",
+                   "freeze.unfrozen=4")
+    original = run_trial(cfg)
+    again = rerun(original["run_id"], f"sqlite:///{outputs}/mlflow.db")
+    assert again["val_acc"] == original["val_acc"]
+    assert again["test_acc"] == original["test_acc"]
+    new = mlflow_client.get_run(again["run_id"])
+    assert new.data.tags["rerun_of"] == original["run_id"]
+    assert new.info.experiment_id == mlflow_client.get_run(original["run_id"]).info.experiment_id
+    assert new.data.params == mlflow_client.get_run(original["run_id"]).data.params
+
+
+def test_rerun_of_an_unknown_run_says_so(outputs):
+    done = subprocess.run([sys.executable, "-m", "sweeper.rerun", "0123abcd",
+                           "--tracking-uri", f"sqlite:///{outputs}/mlflow.db"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "No MLflow run 0123abcd" in done.stderr and "Traceback" not in done.stderr
