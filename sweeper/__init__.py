@@ -7,8 +7,13 @@ into freeze units) + :mod:`sweeper.weights` / :mod:`sweeper.pretrain` -> :mod:`s
 :mod:`sweeper.run` is the Hydra entry point.
 """
 
-from sweeper.freeze import FreezeNet
-from sweeper.model import build
-from sweeper.trial import OBJECTIVES, run_trial
+from omegaconf import OmegaConf
+
+# Config arithmetic, e.g. unfrozen = num_units - transferred in conf/treatment/.
+OmegaConf.register_new_resolver("minus", lambda a, b: int(a) - int(b), replace=True)
+
+from sweeper.freeze import FreezeNet  # noqa: E402
+from sweeper.model import build  # noqa: E402
+from sweeper.trial import OBJECTIVES, run_trial  # noqa: E402
 
 __all__ = ["OBJECTIVES", "FreezeNet", "build", "run_trial"]

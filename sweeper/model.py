@@ -11,7 +11,8 @@ from sweeper.freeze import FreezeNet
 from sweeper.weights import StateDict, load_into
 
 
-def check_backbone(backbone: DictConfig, unfrozen: int | None = None) -> None:
+def check_backbone(backbone: DictConfig, unfrozen: int | None = None,
+                   transferred: int | None = None) -> None:
     """Fail early, with what to do, on a backbone config or freeze depth that cannot work."""
     if backbone.name not in backbones.FAMILIES:
         raise UserError(f"backbone.name={backbone.name} is not supported; choose one of "
@@ -22,6 +23,9 @@ def check_backbone(backbone: DictConfig, unfrozen: int | None = None) -> None:
             f"{backbone.num_units} freeze units (0 trains the head only, {backbone.num_units} "
             "trains everything)."
         )
+    if transferred is not None and not 0 <= int(transferred) <= int(backbone.num_units):
+        raise UserError(f"freeze.transferred={transferred} is outside 0..{backbone.num_units} "
+                        "(null keeps every pretrained unit).")
 
 
 def backbone_kwargs(backbone: DictConfig) -> dict:
@@ -30,14 +34,24 @@ def backbone_kwargs(backbone: DictConfig) -> dict:
     return OmegaConf.to_container(kwargs, resolve=True) if kwargs else {}
 
 
+def _reinitialise(unit: nn.Module) -> None:
+    for module in unit.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
 def build(backbone: DictConfig, num_classes: int, unfrozen: int,
-          state: StateDict | None, origin: str = "") -> tuple[FreezeNet, nn.Module]:
+          state: StateDict | None, origin: str = "",
+          transferred: int | None = None) -> tuple[FreezeNet, nn.Module]:
     """A :class:`FreezeNet` for ``num_classes`` with the last ``unfrozen`` units trainable.
+
+    ``transferred=n`` keeps the pretrained weights of the first ``n`` units only and
+    re-initialises the others (the AnB design of Yosinski et al. 2014); ``None`` keeps all.
 
     Returns the net and the torchvision model it was cut from: they share parameters, so the
     torchvision model's ``state_dict()`` holds the backbone in torchvision's own key format.
     """
-    check_backbone(backbone, unfrozen)
+    check_backbone(backbone, unfrozen, transferred)
     tv_model = backbones.build_torchvision(backbone.name, **backbone_kwargs(backbone))
     if state is not None:
         load_into(tv_model, backbone.name, state, origin)
@@ -45,6 +59,9 @@ def build(backbone: DictConfig, num_classes: int, unfrozen: int,
     if len(parts.units) != int(backbone.num_units):
         raise UserError(f"backbone.num_units={backbone.num_units} but {backbone.name} has "
                         f"{len(parts.units)} freeze units; fix conf/backbone/{backbone.name}.yaml.")
+    if transferred is not None:
+        for unit in parts.units[int(transferred):]:
+            _reinitialise(unit)
     head: nn.Module = nn.Linear(parts.feature_dim, num_classes)
     if parts.head_dropout:
         head = nn.Sequential(nn.Dropout(parts.head_dropout), head)
