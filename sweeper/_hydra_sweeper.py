@@ -1,0 +1,69 @@
+"""The Hydra side of the study: settings from ``hydra.sweeper``, trials through Hydra's launcher.
+
+Registered with Hydra by ``hydra_plugins/sweeper_optuna`` (Hydra loads plugins only from the
+``hydra_plugins`` namespace). Each trial is one ``launch`` of one job, from one thread per
+worker, so with ``n_jobs=N`` a finished worker starts the next trial at once: no batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _quote(text: str) -> str:
+    """``text`` as a quoted value in Hydra's override grammar."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class SweeperImpl:
+    """What :class:`hydra_plugins.sweeper_optuna.OptunaSweeper` does, outside ``hydra_plugins``."""
+
+    def __init__(self) -> None:
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from sweeper.study import StudyRunner
+
+        assert self.config is not None and self.launcher is not None
+        settings = OmegaConf.create(OmegaConf.to_container(self.config.hydra.sweeper,
+                                                           resolve=True))
+        task = self.config.copy()
+        OmegaConf.set_struct(task, False)
+        task.pop("hydra")
+        launcher = self.launcher
+        basic = type(launcher).__name__ == "BasicLauncher"
+        if basic and int(settings.n_jobs) > 1:
+            log.warning("hydra.sweeper.n_jobs=%s with Hydra's basic launcher, which runs jobs "
+                        "in this process one at a time: running 1 trial at a time. Use "
+                        "hydra/launcher=joblib (or submitit_local) for parallel trials.",
+                        settings.n_jobs)
+            settings.n_jobs = 1
+        storage: list[str] = []
+
+        def launch(number: int, overrides: list[str]) -> None:
+            job = [*overrides, f"hydra.sweeper.trial={number}", *storage]
+            (ret,) = launcher.launch([job], initial_job_idx=number)
+            if ret.status == JobStatus.FAILED:
+                ret.return_value  # noqa: B018 - re-raises the job's exception
+
+        runner = StudyRunner(settings, task, launch, arguments)
+        # Jobs may run elsewhere (another cwd, another machine): give them the storage as the
+        # sweep resolved it.
+        storage.append(f"hydra.sweeper.storage={_quote(runner.storage_spec)}")
+        return runner.run(str(settings.get("progress", "auto")))

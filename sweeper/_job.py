@@ -1,0 +1,118 @@
+"""One trial of a study, run where the job runs (in the sweep process or a launcher's worker).
+
+The job owns its trial: it reports every epoch's val_acc (for pruning), keeps the trial's
+heartbeat, and tells Optuna the result itself, so a trial finishes correctly even if the sweep
+that launched it is gone. The sweep process only backs it up when the job never got that far.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from sweeper import _optuna
+from sweeper._study_mlflow import fail_trial_runs, trial_runs, trial_tags
+from sweeper.tracking import Tracker
+from sweeper.train import EpochStats
+from sweeper.trial import run_trial
+
+log = logging.getLogger(__name__)
+
+
+def hydra_trial() -> tuple[DictConfig, int] | None:
+    """The resolved sweep settings and trial number when this Hydra job is a study's trial."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    sweeper = hc.get("sweeper")
+    if sweeper is None or sweeper.get("trial") is None:
+        return None
+    return sweeper, int(sweeper.trial)
+
+
+def settings_in(cfg: DictConfig, sweeper: DictConfig) -> DictConfig:
+    """``sweeper`` (the ``hydra.sweeper`` node) resolved against the task config ``cfg``.
+
+    A job sees the task config and the Hydra config apart; interpolations such as
+    ``${paths.outputs}`` or ``${trainer.epochs}`` in the sweeper node need both.
+    """
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree["hydra"] = {"sweeper": OmegaConf.to_container(sweeper, resolve=False)}
+    return OmegaConf.create(tree).hydra.sweeper
+
+
+def run(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:
+    """Train trial ``number`` of the study in ``settings`` with config ``cfg``; tell Optuna.
+
+    Returns the trial's metrics with ``state`` (complete, pruned or failed) and ``error``.
+    """
+    storage = _optuna.open_storage(str(settings.storage))
+    name = str(settings.study_name)
+    study = optuna.load_study(study_name=name, storage=storage,
+                              sampler=optuna.samplers.RandomSampler(),
+                              pruner=_optuna.make_pruner(settings.get("pruner")))
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(name), number)
+    trial = optuna.Trial(study, trial_id)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    objectives = list(settings.objectives)
+    prune = len(objectives) == 1 and not isinstance(study.pruner, optuna.pruners.NopPruner)
+    epochs = int(cfg.trainer.epochs)
+    heartbeat = _optuna.Heartbeat(storage, float(settings.heartbeat_interval))
+    heartbeat.add(trial_id)
+
+    def on_epoch(s: EpochStats) -> None:
+        storage.set_trial_system_attr(trial_id, _optuna.PROGRESS,
+                                      {"epoch": s.epoch, "epochs": epochs, "val_acc": s.val_acc})
+        if prune:
+            trial.report(s.val_acc, s.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {s.epoch}/{epochs} "
+                                         f"(val_acc {s.val_acc:.4f})")
+
+    tracker = Tracker(cfg.tracking)
+    try:
+        result = run_trial(cfg, parent_run_id=parent, tags=trial_tags(name, number),
+                           on_epoch=on_epoch)
+    except optuna.TrialPruned as e:
+        _set_run_id(trial, tracker, parent, number)
+        trial.set_user_attr("pruned", str(e))
+        study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
+        log.info("trial %d %s", number, e)
+        return {"state": "pruned", "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - any failure of the trial is recorded, not fatal
+        reason = f"{type(e).__name__}: {e}"
+        log.error("trial %d failed: %s", number, reason, exc_info=True)
+        trial.set_user_attr("error", reason[:2000])
+        run_id = fail_trial_runs(tracker, parent, name, number, reason)
+        if run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        return {"state": "failed", "error": reason}
+    finally:
+        heartbeat.close()
+    trial.set_user_attr("mlflow_run_id", result["run_id"])
+    for key in ("test_acc", "best_val_acc", "time_per_epoch_s", "trainable_params"):
+        if key in result:
+            trial.set_user_attr(key, result[key])
+    values = [float(result[o]) for o in objectives]
+    told = study.tell(number, values, skip_if_finished=True)
+    if told.state != TrialState.COMPLETE:  # declared lost meanwhile (no heartbeat seen)
+        log.warning("trial %d finished after another sweep had declared it lost; its result "
+                    "stays out of the study (MLflow run %s tagged state=lost)", number,
+                    result["run_id"])
+        tracker.client.set_tag(result["run_id"], "state", "lost")
+        return {"state": "lost", **result}
+    return {"state": "complete", **result}
+
+
+def _set_run_id(trial: optuna.Trial, tracker: Tracker, parent: str | None, number: int) -> None:
+    runs = trial_runs(tracker, parent, number) if parent else []
+    if runs:
+        trial.set_user_attr("mlflow_run_id", runs[0].info.run_id)

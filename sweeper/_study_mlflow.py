@@ -1,0 +1,156 @@
+"""MLflow side of a study: the parent run, trial runs found by tag, the Pareto table.
+
+One parent run per study (tag ``sweeper.kind=study``); each trial is a child run tagged
+``optuna.study_name`` and ``optuna.trial_number`` (see :func:`sweeper.trial.run_trial`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper.tracking import Run, Tracker, environment_tags
+
+log = logging.getLogger(__name__)
+
+STATE_TAG = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
+             TrialState.FAIL: "failed", TrialState.RUNNING: "running",
+             TrialState.WAITING: "waiting"}
+
+
+def trial_tags(study_name: str, number: int) -> dict[str, str]:
+    return {"sweeper.kind": "trial", "optuna.study_name": study_name,
+            "optuna.trial_number": str(number)}
+
+
+def trial_runs(tracker: Tracker, parent_run_id: str, number: int) -> list[Any]:
+    """The MLflow runs of trial ``number`` under ``parent_run_id`` (normally one)."""
+    return tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=(f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                       f"and tags.`optuna.trial_number` = '{number}'"))
+
+
+def fail_trial_runs(tracker: Tracker, parent_run_id: str | None, study_name: str, number: int,
+                    reason: str, overrides: Sequence[str] = (), status: str = "FAILED") -> str | None:
+    """End the trial's unfinished runs ``status`` with ``reason``; create one if it has none.
+
+    A trial that failed before its run existed (a bad override, a config that does not
+    compose) still gets a FAILED child run, so MLflow shows every trial with its reason.
+    Returns the run id.
+    """
+    if parent_run_id is None:
+        return None
+    runs = trial_runs(tracker, parent_run_id, number)
+    for r in runs:
+        if r.info.status == "RUNNING":
+            run = Run(tracker.client, r.info.run_id)
+            run.tags({"state": "failed" if status == "FAILED" else "killed", "error": reason[:5000]})
+            run.end(status)
+    if runs:
+        return runs[0].info.run_id
+    run = tracker.start(f"trial-{number}", tags={**trial_tags(study_name, number),
+                                                 "overrides": " ".join(overrides)},
+                        parent_run_id=parent_run_id)
+    run.tags({"state": "failed", "error": reason[:5000]})
+    run.end(status)
+    return run.run_id
+
+
+def start_parent(tracker: Tracker, study_name: str, storage: str, params: Mapping[str, Any],
+                 overrides: Sequence[str], config_yaml: str) -> Run:
+    run = tracker.start(study_name, tags={
+        "sweeper.kind": "study",
+        "optuna.study_name": study_name,
+        "optuna.storage": storage,
+        "overrides": " ".join(overrides),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        **environment_tags(),
+    })
+    run.params(params)
+    run.text(config_yaml, "config.yaml")
+    return run
+
+
+def reopen(tracker: Tracker, run_id: str) -> Run:
+    """The parent run, back to RUNNING if an earlier sweep had ended it."""
+    if tracker.client.get_run(run_id).info.status != "RUNNING":
+        tracker.client.update_run(run_id, status="RUNNING")
+    return Run(tracker.client, run_id)
+
+
+def _row(t: FrozenTrial, names: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"trial": t.number, "state": STATE_TAG.get(t.state, t.state.name.lower())}
+    for i, name in enumerate(names):
+        row[name] = t.values[i] if t.values is not None and i < len(t.values) else None
+    row.update({"test_acc": t.user_attrs.get("test_acc")})
+    row.update(t.params)
+    row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id")
+    return row
+
+
+def pareto_rows(study: optuna.Study, names: Sequence[str]) -> list[dict[str, Any]]:
+    """The best trials (the Pareto set; the best one for a single objective), by first objective."""
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return []
+    best = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    rows = [_row(t, names) for t in best]
+    return sorted(rows, key=lambda r: (r.get(names[0]) is None, r.get(names[0])),
+                  reverse=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for r in rows:
+        columns += [c for c in r if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def summarize(run: Run, study: optuna.Study, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Log the Pareto set (``pareto.json`` table, ``pareto.csv``), every trial
+    (``trials.csv``) and summary metrics on the parent run; returns the Pareto rows."""
+    trials = study.get_trials(deepcopy=False)
+    rows = pareto_rows(study, names)
+    states = [t.state for t in trials]
+    metrics: dict[str, float] = {
+        "n_trials_complete": states.count(TrialState.COMPLETE),
+        "n_trials_pruned": states.count(TrialState.PRUNED),
+        "n_trials_failed": states.count(TrialState.FAIL),
+        "pareto_size": len(rows),
+    }
+    done = [t for t in trials if t.datetime_complete and t.datetime_start]
+    if done:
+        metrics["study_wall_time_s"] = (max(t.datetime_complete for t in done)
+                                        - min(t.datetime_start for t in done)).total_seconds()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    for i, (name, direction) in enumerate(zip(names, study.directions, strict=True)):
+        if complete:
+            pick = max if direction == optuna.study.StudyDirection.MAXIMIZE else min
+            metrics[f"best_{name}"] = pick(t.values[i] for t in complete)
+    run.metrics(metrics)
+    if rows:
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        run.client.log_table(run.run_id, {c: [r.get(c) for r in rows] for c in columns},
+                             "pareto.json")
+        run.text(_csv(rows), "pareto.csv")
+    if trials:
+        run.text(_csv([_row(t, names) for t in trials]), "trials.csv")
+    return rows
+
+
+def tracker_for(cfg: DictConfig) -> Tracker:
+    return Tracker(cfg.tracking)

@@ -1,0 +1,456 @@
+"""Run or resume an Optuna study over freeze depth and learning rates, tracked in MLflow.
+
+The Hydra sweeper (``python -m sweeper.run -m``) and :func:`optimize` (from Python) share
+this engine. ``n_trials`` is the study's total: every sweep on the same storage and study
+name works on the same study until it holds ``n_trials`` trials, then stops, so running the
+same command again resumes an interrupted study and never runs it past its total. Each of
+the ``n_jobs`` workers asks for the next trial as soon as its last one ends (no batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeper import _job, _optuna
+from sweeper._progress import Progress
+from sweeper._space import Space, parse
+from sweeper._study_mlflow import (
+    fail_trial_runs,
+    reopen,
+    start_parent,
+    summarize,
+)
+from sweeper.errors import UserError
+from sweeper.tracking import Run, Tracker, config_params
+
+log = logging.getLogger(__name__)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
+# TPE's group option and metric names are "experimental" since Optuna 2.8/3.2; we rely on them.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+# A launch runs trial ``number`` with these Hydra overrides and returns when it has ended;
+# it raises if the job failed in a way the job itself could not record.
+Launch = Callable[[int, list[str]], None]
+
+
+@dataclass
+class StudyResult:
+    """What a sweep leaves: the study, its MLflow parent run and the Pareto set."""
+
+    study: optuna.Study
+    parent_run_id: str
+    pareto: list[dict[str, Any]]
+    complete: bool
+
+
+class StudyRunner:
+    """One sweep process's part of a study: asks, launches, watches, and finishes it.
+
+    ``settings`` is the resolved ``hydra.sweeper`` node; ``cfg`` the task config (for
+    MLflow, and for conditions on keys the space does not sample); ``arguments`` the
+    command-line overrides of the task (sweeps among them join the search space).
+    """
+
+    def __init__(self, settings: DictConfig, cfg: DictConfig, launch: Launch,
+                 arguments: Sequence[str] = ()) -> None:
+        self.s = settings
+        self.cfg = cfg
+        self.launch = launch
+        self.arguments = list(arguments)
+        self.objectives: dict[str, str] = {str(k): str(v) for k, v in settings.objectives.items()}
+        if not self.objectives:
+            raise UserError("hydra.sweeper.objectives is empty: name at least one metric of "
+                            "the trial (val_acc, train_time_s, test_acc...) and its direction.")
+        self.names = list(self.objectives)
+        self.name = str(settings.study_name)
+        self.storage_spec = str(settings.storage)
+        if not _optuna.is_url(self.storage_spec):
+            self.storage_spec = str(_optuna.journal_path(self.storage_spec))
+        self.space = parse(settings.params or {}, settings.get("conditions") or {}, arguments)
+        self.n_trials = int(settings.n_trials)
+        self.n_jobs = max(1, int(settings.n_jobs))
+        sampler_cfg = settings.get("sampler")
+        self.grid: dict[str, list[Any]] | None = None
+        if sampler_cfg is not None and str(sampler_cfg._target_).endswith("GridSampler"):
+            self.grid, skipped = self.space.grid()
+            if skipped:
+                log.info("grid sampler: %s not searched (continuous); they keep the config's "
+                         "values", ", ".join(skipped))
+            self.space = self.space.restrict(list(self.grid))
+            self.space.conditions.clear()
+            size = 1
+            for values in self.grid.values():
+                size *= len(values)
+            if size != self.n_trials:
+                log.info("grid sampler: n_trials=%d, the size of the grid", size)
+            self.n_trials = size
+        self._check_pruning(settings)
+        self.storage = _optuna.open_storage(self.storage_spec)
+        self.lock = _optuna.StudyLock(self.storage_spec, self.name)
+        self.tracker = Tracker(cfg.tracking)
+        self._stop = threading.Event()
+        self._stop_reason: str | None = None
+        self._mine: set[int] = set()  # trial ids this process is running
+        self._mine_lock = threading.Lock()
+        self.study = self._open_study()
+        self._tell_study = optuna.load_study(study_name=self.name, storage=self.storage,
+                                             sampler=optuna.samplers.RandomSampler())
+        self.heartbeat = _optuna.Heartbeat(self.storage, float(settings.heartbeat_interval))
+
+    # -- setting up -----------------------------------------------------------------------
+
+    def _check_pruning(self, settings: DictConfig) -> None:
+        pruner = settings.get("pruner")
+        if pruner is None or pruner.get("_target_") is None:
+            return
+        if self.objectives != {"val_acc": "maximize"}:
+            raise UserError(
+                "Pruning stops trials on their per-epoch val_acc, so it needs the single "
+                f"objective val_acc (maximize); the objectives are {self.objectives}. Add "
+                "hydra/sweeper/objectives=accuracy, or drop the pruner (hydra/sweeper/pruner=null).")
+
+    def _open_study(self) -> optuna.Study:
+        directions = list(self.objectives.values())
+        with self.lock():
+            study = optuna.create_study(study_name=self.name, storage=self.storage,
+                                        directions=directions, load_if_exists=True,
+                                        pruner=_optuna.make_pruner(self.s.get("pruner")))
+            got = [d.name.lower() for d in study.directions]
+            if got != directions:
+                raise UserError(
+                    f"Study {self.name!r} in {self.storage_label} has directions {got}, not "
+                    f"{directions} ({', '.join(self.names)}). Give this search another "
+                    "hydra.sweeper.study_name, or use the objectives it was started with.")
+            if study.metric_names is None:
+                study.set_metric_names(self.names)
+            elif list(study.metric_names) != self.names:
+                raise UserError(f"Study {self.name!r} measures {study.metric_names}, not "
+                                f"{self.names}: give this search another hydra.sweeper.study_name.")
+            started_with = study.user_attrs.get("task_overrides")
+            if started_with is None:
+                study.set_user_attr("task_overrides", self.arguments)
+            elif sorted(started_with) != sorted(self.arguments):
+                raise UserError(
+                    f"Study {self.name!r} was started with the overrides {started_with}; this "
+                    f"sweep has {self.arguments}. Trials of different settings do not belong in "
+                    "one study: repeat the original overrides to resume it, or name a new study "
+                    "with hydra.sweeper.study_name=...")
+            study_id = self.storage.get_study_id_from_name(self.name)
+            joins = int(self.storage.get_study_system_attrs(study_id).get("sweeper:joins", 0))
+            self.storage.set_study_system_attr(study_id, "sweeper:joins", joins + 1)
+            # Sweeps joining a study draw other random numbers than the first, or TPE's
+            # random start-up trials would repeat the first sweep's.
+            study.sampler = _optuna.make_sampler(self.s.get("sampler"), seed_offset=1000 * joins,
+                                                 grid=self.grid)
+            self.parent = self._parent(study)
+        return study
+
+    @property
+    def storage_label(self) -> str:
+        return _optuna.storage_label(self.storage_spec)
+
+    def _parent(self, study: optuna.Study) -> Run:
+        """The study's MLflow parent run: created by the first sweep, reopened by the others."""
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id is not None:
+            return reopen(self.tracker, run_id)
+        params = {f"search.{k}": v for k, v in self.space.describe().items()}
+        sampler = self.s.get("sampler")
+        pruner = self.s.get("pruner")
+        params.update({
+            "study_name": self.name,
+            "storage": self.storage_label,
+            "n_trials": self.n_trials,
+            "objectives": ", ".join(f"{k}:{v}" for k, v in self.objectives.items()),
+            "directions": ", ".join(self.objectives.values()),
+            "sampler": _describe_target(sampler),
+            "pruner": _describe_target(pruner) if pruner is not None else "none",
+        })
+        searched = set(self.space.sampled) | {k.lstrip("+~") for k in self.space.sampled}
+        params.update({f"config.{k}": v for k, v in config_params(self.cfg).items()
+                       if k not in searched})
+        run = start_parent(self.tracker, self.name, self.storage_label, params, self.arguments,
+                           OmegaConf.to_yaml(self.cfg, resolve=True))
+        study.set_user_attr("mlflow_parent_run_id", run.run_id)
+        study.set_user_attr("storage", self.storage_label)
+        return run
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self, progress: str = "auto") -> StudyResult:
+        """Work on the study until it holds n_trials trials (or fails too often)."""
+        log.info("study %s: %d trials in total, %d at a time here; storage %s; MLflow parent "
+                 "run %s", self.name, self.n_trials, self.n_jobs, self.storage_label,
+                 self.parent.run_id)
+        self.progress = Progress(self.study, self.names, self.n_trials, progress)
+        try:
+            with self.progress:
+                while True:
+                    self._work()
+                    if self._stop.is_set() or not self._wait_for_others():
+                        break
+        except KeyboardInterrupt:
+            self._abandon_mine("interrupted (KeyboardInterrupt)")
+            self.parent.tags({"error": "interrupted; run the same command to resume"})
+            self.parent.end("KILLED")
+            raise
+        finally:
+            self.heartbeat.close()
+        return self._finish()
+
+    def _work(self) -> None:
+        """n_jobs workers; each asks for the next trial as soon as its last one ends."""
+        threads = [threading.Thread(target=self._worker, name=f"trial-worker-{i}", daemon=True)
+                   for i in range(1, self.n_jobs)]
+        for t in threads:
+            t.start()
+        self._worker()  # the first worker is this thread: Ctrl-C reaches its trial
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            nxt = self._next_trial()
+            if nxt is None:
+                return
+            self._run_trial(*nxt)
+
+    def _next_trial(self) -> tuple[FrozenTrial, list[str]] | None:
+        """Ask for a trial and sample it, unless the study already holds n_trials trials."""
+        with self.lock():
+            self._reap_lost()
+            trials = self.study.get_trials(deepcopy=False)
+            if sum(_optuna.counts_toward_total(t) for t in trials) >= self.n_trials:
+                return None
+            trial = self.study.ask()
+            overrides = self.space.suggest(trial, lambda key: OmegaConf.select(self.cfg, key))
+            self.storage.set_trial_system_attr(trial._trial_id, _optuna.WORKER,
+                                               _optuna.worker_label())
+            with self._mine_lock:
+                self._mine.add(trial._trial_id)
+            self.heartbeat.add(trial._trial_id)
+            return self.storage.get_trial(trial._trial_id), overrides
+
+    def _run_trial(self, trial: FrozenTrial, overrides: list[str]) -> None:
+        self.progress.started(trial.number, overrides)
+        error: BaseException | None = None
+        try:
+            self.launch(trial.number, overrides)
+        except Exception as e:  # noqa: BLE001 - recorded on the trial below
+            error = e
+        finally:
+            self.heartbeat.remove(trial._trial_id)
+            with self._mine_lock:
+                self._mine.discard(trial._trial_id)
+        now = self.storage.get_trial(trial._trial_id)
+        if now.state == TrialState.RUNNING:  # the job never got to tell: it failed outside it
+            reason = (f"{type(error).__name__}: {error}" if error is not None
+                      else "the job ended without reporting its trial")
+            log.error("trial %d failed before it could report: %s", trial.number, reason)
+            self.storage.set_trial_user_attr(trial._trial_id, "error", reason[:2000])
+            run_id = fail_trial_runs(self.tracker, self.parent.run_id, self.name, trial.number,
+                                     reason, overrides)
+            if run_id:
+                self.storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", run_id)
+            self._tell_study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            now = self.storage.get_trial(trial._trial_id)
+        self.progress.finished(now)
+        self._check_failure_rate()
+
+    def _check_failure_rate(self) -> None:
+        trials = [t for t in self.study.get_trials(deepcopy=False)
+                  if t.state.is_finished() and _optuna.counts_toward_total(t)]
+        failed = [t for t in trials if t.state == TrialState.FAIL]
+        rate = float(self.s.max_failure_rate)
+        if len(trials) < int(self.s.failure_rate_min_trials) or len(failed) <= rate * len(trials):
+            return
+        last = failed[-1].user_attrs.get("error", "no reason recorded")
+        self._stop_reason = (
+            f"Study {self.name!r} stopped: {len(failed)} of {len(trials)} finished trials failed "
+            f"({len(failed) / len(trials):.0%} > hydra.sweeper.max_failure_rate={rate:g}). "
+            f"Last failure (trial {failed[-1].number}): {last}")
+        self._stop.set()
+
+    # -- trials whose process is gone ----------------------------------------------------
+
+    def _reap_lost(self) -> list[FrozenTrial]:
+        """FAIL running trials whose heartbeat stopped (call under the study lock)."""
+        grace = float(self.s.grace_period)
+        lost = []
+        for t in _optuna.stale_trials(self.study, grace):
+            if t._trial_id in self._mine or not _optuna.mark_lost(self.storage, t):
+                continue
+            reason = (f"lost: no heartbeat for more than {grace:g} s (its process was killed "
+                      f"or its machine went away; worker {t.system_attrs.get(_optuna.WORKER)})")
+            self._after_lost(t, reason)
+            lost.append(t)
+        return lost
+
+    def _after_lost(self, t: FrozenTrial, reason: str, status: str = "FAILED") -> None:
+        log.warning("trial %d %s", t.number, reason)
+        self.storage.set_trial_user_attr(t._trial_id, "error", reason)
+        try:
+            fail_trial_runs(self.tracker, self.parent.run_id, self.name, t.number, reason,
+                            status=status)
+        except Exception as e:  # noqa: BLE001 - MLflow trouble must not block the study
+            log.warning("could not mark the MLflow run of trial %d: %s", t.number, e)
+        if self.s.retry_lost and "retry_of" not in t.user_attrs:
+            self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            log.info("trial %d will be retried once with the same parameters", t.number)
+
+    def _abandon_mine(self, reason: str) -> None:
+        with self._mine_lock:
+            mine = list(self._mine)
+        for trial_id in mine:
+            t = self.storage.get_trial(trial_id)
+            if t.state == TrialState.RUNNING and _optuna.mark_lost(self.storage, t):
+                self._after_lost(t, reason, status="KILLED")
+
+    def _wait_for_others(self) -> bool:
+        """Once this sweep has nothing left to ask: wait on other sweeps' running trials.
+
+        Each either shows life (a heartbeat newer than the wait: its sweep finishes the
+        study), ends, or goes stale and is failed (and maybe retried). Returns True when
+        that freed room for more trials here.
+        """
+        since = time.time()
+        interval = float(self.s.heartbeat_interval)
+        while True:
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not running:
+                return False
+            if all(_optuna.last_sign_of_life(t) > since for t in running):
+                log.info("trials %s are running in other sweeps; they finish the study",
+                         ", ".join(str(t.number) for t in running))
+                return False
+            with self.lock():
+                if self._reap_lost():
+                    return True
+            time.sleep(min(interval, 1.0))
+
+    # -- the end --------------------------------------------------------------------------
+
+    def _finish(self) -> StudyResult:
+        with self.lock():
+            trials = self.study.get_trials(deepcopy=False)
+            counted = sum(_optuna.counts_toward_total(t) for t in trials)
+            open_ = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+            complete = counted >= self.n_trials and not open_
+            rows = summarize(self.parent, self.study, self.names)
+            if self._stop_reason is not None:
+                self.parent.tags({"error": self._stop_reason[:5000]})
+                self.parent.end("FAILED")
+            elif complete:
+                self.parent.end("FINISHED")
+        result = StudyResult(self.study, self.parent.run_id, rows, complete)
+        if self._stop_reason is not None:
+            raise UserError(self._stop_reason + f"\nMLflow parent run {self.parent.run_id}.")
+        log.info("study %s: %s. Pareto set (%s) on MLflow run %s:\n%s", self.name,
+                 self.progress.line(trials), ", ".join(self.names), self.parent.run_id,
+                 _table(rows, self.names))
+        return result
+
+
+def _describe_target(node: DictConfig | None) -> str:
+    if node is None:
+        return "none"
+    d = OmegaConf.to_container(node, resolve=True)
+    target = str(d.pop("_target_", None)).rsplit(".", 1)[-1]
+    return f"{target}(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
+
+
+def _table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
+    if not rows:
+        return "  (no complete trial)"
+    lines = []
+    for r in rows:
+        params = {k: v for k, v in r.items()
+                  if k not in {"trial", "state", "mlflow_run_id", *names}}
+        lines.append(f"  trial {r['trial']}: " + "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in [*((n, r[n]) for n in names), *params.items()] if v is not None))
+    return "\n".join(lines)
+
+
+def default_settings() -> DictConfig:
+    """The sweep settings of ``conf/hydra/sweeper/optuna.yaml`` with its default groups,
+    unresolved (compose the project's config with ``return_hydra_config=True`` for the
+    resolved ones)."""
+    from hydra import compose, initialize_config_dir
+
+    from sweeper.tracking import PROJECT_ROOT
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose("config", return_hydra_config=True).hydra.sweeper
+
+
+def _apply(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``cfg`` with ``key=value`` overrides applied (values only, not config-group choices)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = cfg.copy()
+    OmegaConf.set_struct(out, False)
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        OmegaConf.update(out, o.key_or_group, o.value(), merge=True)
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = None, *,
+             arguments: Sequence[str] = (), progress: str = "auto") -> StudyResult:
+    """Run or resume, in this process, the study that ``sweep`` describes for config ``cfg``.
+
+    ``cfg`` is the project's composed config; ``sweep`` the ``hydra.sweeper`` settings
+    (default: ``cfg.hydra.sweeper`` when ``cfg`` was composed with
+    ``return_hydra_config=True``); a mapping is merged over those defaults. ``arguments`` are
+    extra overrides in Hydra's grammar (sweeps join the search space). Trials run in threads
+    of this process (``n_jobs`` at a time) with the same Optuna storage, pruning, heartbeats
+    and MLflow runs as ``python -m sweeper.run -m``; config-group choices (``backbone=...``)
+    cannot be searched this way, use the command line for those.
+
+    Returns the study, its MLflow parent run id and its Pareto set::
+
+        from hydra import compose, initialize
+        from sweeper.study import optimize
+
+        with initialize(config_path="conf", version_base="1.3"):
+            cfg = compose("config", overrides=["hydra.sweeper.n_trials=6"],
+                          return_hydra_config=True)
+        result = optimize(cfg)
+        print(result.pareto)
+    """
+    base = cfg.hydra.sweeper if "hydra" in cfg else default_settings()
+    if isinstance(sweep, DictConfig) and "_target_" in sweep:
+        base = sweep
+    elif sweep is not None:
+        base = OmegaConf.merge(base, OmegaConf.create(dict(sweep)))
+    task = cfg.copy()
+    if "hydra" in task:
+        OmegaConf.set_struct(task, False)
+        task.pop("hydra")
+        OmegaConf.set_struct(task, True)
+    settings = _job.settings_in(task, base)
+    OmegaConf.resolve(settings)
+
+    def launch(number: int, overrides: list[str]) -> None:
+        result = _job.run(_apply(task, overrides), settings, number)
+        if result.get("state") == "failed":
+            log.debug("trial %d failed: %s", number, result.get("error"))
+
+    runner = StudyRunner(settings, task, launch, arguments)
+    return runner.run(progress)
+
+
+__all__ = ["StudyResult", "StudyRunner", "Space", "optimize", "default_settings"]
