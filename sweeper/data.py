@@ -83,6 +83,51 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class Augment(nn.Module):
+    """Random train transform on uint8 batches (N, C, S, S), batched on their device.
+
+    ``crop_padding``: zero-pad by that many pixels and take a random S x S crop per image;
+    ``hflip``: flip each image left-right with probability 1/2. Draws from torch's RNG on the
+    batch's device (seeded by the trial). A random transform makes the frozen prefix's train
+    outputs change every epoch, so they cannot be cached (:mod:`sweeper.cache`).
+    """
+
+    def __init__(self, crop_padding: int = 0, hflip: bool = False) -> None:
+        super().__init__()
+        self.crop_padding = int(crop_padding)
+        self.hflip = bool(hflip)
+
+    @property
+    def random(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+    def describe(self) -> str:
+        return f"augment.crop_padding={self.crop_padding}, augment.hflip={str(self.hflip).lower()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = nn.functional.pad(x, (p, p, p, p))
+            dy, dx = (torch.randint(0, 2 * p + 1, (n, 1), device=x.device) for _ in range(2))
+            rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
+            cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
+            x = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                       torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+        if self.hflip:
+            flip = torch.rand(n, device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+def augment(cfg: DictConfig | None) -> Augment | None:
+    """The ``augment/`` config as an :class:`Augment`, or None when it changes nothing."""
+    if cfg is None:
+        return None
+    aug = Augment(cfg.get("crop_padding", 0), cfg.get("hflip", False))
+    return aug if aug.random else None
+
+
 # --- sources -------------------------------------------------------------------------------
 
 def _fashion_mnist(cfg: DictConfig) -> tuple[Pool, Pool]:

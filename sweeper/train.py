@@ -2,7 +2,10 @@
 
 Time is measured in one place, here: ``train_time_s`` is the wall time of the training steps
 (batch gathering + forward + backward + optimizer step), synchronised with the GPU when there
-is one; evaluation time is kept apart. Both are per epoch and summed over the trial.
+is one, plus the recorded cost of computing the cached frozen-prefix outputs the loop trains
+on (:mod:`sweeper.cache`), so a trial costs the same whether its cache entries were cold or
+warm; evaluation time (plus its cached val outputs' cost) is kept apart. Both are per epoch
+and summed over the trial.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from sweeper.cache import Feed, Feeds, image_feed
 from sweeper.data import Data, Normalize, Split
 from sweeper.errors import UserError
 from sweeper.freeze import FreezeNet
@@ -45,14 +49,16 @@ class EpochStats:
 @dataclass
 class FitResult:
     epochs: list[EpochStats] = field(default_factory=list)
+    train_fill_s: float = 0.0  # recorded cost of the cached train outputs (0 without a cache)
+    val_fill_s: float = 0.0
 
     @property
     def train_time_s(self) -> float:
-        return sum(e.epoch_time_s for e in self.epochs)
+        return self.train_fill_s + sum(e.epoch_time_s for e in self.epochs)
 
     @property
     def eval_time_s(self) -> float:
-        return sum(e.eval_time_s for e in self.epochs)
+        return self.val_fill_s + sum(e.eval_time_s for e in self.epochs)
 
     @property
     def val_acc(self) -> float:
@@ -83,27 +89,23 @@ def _autocast(device: torch.device, amp: bool):
     return nullcontext()
 
 
-def _batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, normalize: Normalize, device: torch.device,
+def evaluate(model: FreezeNet, split: Split | Feed, normalize: Normalize, device: torch.device,
              batch_size: int, amp: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on ``split`` (model put in eval mode, then restored)."""
+    """Top-1 accuracy of ``model`` on ``split`` (model put in eval mode, then restored).
+
+    ``split`` is images (run through ``normalize`` and the whole model) or a :class:`Feed`
+    (such as cached frozen-prefix outputs; ``normalize`` is then unused).
+    """
+    feed = split if isinstance(split, Feed) else image_feed(model, split, normalize, device)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, len(split), batch_size):
-        x = _batch(split.images[start:start + batch_size], device)
-        y = split.labels[start:start + batch_size].to(device, non_blocking=True)
+    for x, y in feed.batches(batch_size, device):
         with _autocast(device, amp):
-            correct += (model(normalize(x)).argmax(1) == y).sum()
+            correct += (model.forward_trainable(feed.prepare(x)).argmax(1) == y).sum()
     model.train(was_training)
-    return correct.item() / len(split)
+    return correct.item() / len(feed)
 
 
 def make_optimizer(model: FreezeNet, optim: DictConfig, steps: int):
@@ -128,11 +130,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
-        device: torch.device, on_epoch: Callable[[EpochStats], None] | None = None) -> FitResult:
+        device: torch.device, on_epoch: Callable[[EpochStats], None] | None = None,
+        feeds: Feeds | None = None) -> FitResult:
     """Train ``model`` on ``data.train`` for ``trainer.epochs``, evaluating on val each epoch.
 
     ``on_epoch`` is called after every epoch with its stats (for logging, progress and
-    pruning: it may raise to stop the trial).
+    pruning: it may raise to stop the trial). ``feeds`` says how train and val reach the
+    trainable suffix (:func:`sweeper.cache.feeds`: cached frozen-prefix outputs, or images
+    through the frozen prefix); without it, images run through the whole model every step.
     """
     bs, n = int(trainer.batch_size), len(data.train)
     # A trailing batch of one image breaks BatchNorm in train mode: drop it.
@@ -140,24 +145,26 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
     steps_per_epoch = math.ceil(n_used / bs)
     opt, sched = make_optimizer(model, optim, steps_per_epoch * int(trainer.epochs))
     normalize = data.normalize.to(device)
-    train_x, train_y = data.train.images, data.train.labels
-    if device.type == "cuda":  # small sets: keep them on the GPU, no copies per step
-        train_x, train_y = train_x.to(device), train_y.to(device)
+    if feeds is None:
+        feeds = Feeds(*(image_feed(model, s, normalize, device) for s in (data.train, data.val, data.test)))
+    train = feeds.train.on(device)  # small sets live on the GPU: no copies per step
+    # The trainable suffix is all autograd sees; compiling it is optional (trainer.compile).
+    suffix = torch.compile(model.forward_trainable) if trainer.get("compile") else model.forward_trainable
     gen = torch.Generator().manual_seed(int(trainer.seed))
     loss_fn = nn.CrossEntropyLoss()
-    result = FitResult()
+    result = FitResult(train_fill_s=feeds.train.fill_time_s, val_fill_s=feeds.val.fill_time_s)
     for epoch in range(int(trainer.epochs)):
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         _sync(device)
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen)[:n_used].to(train_x.device)
+        order = torch.randperm(n, generator=gen)[:n_used].to(train.rows.device)
         for start in range(0, n_used, bs):
-            idx = order[start:start + bs]
-            x, y = _batch(train_x[idx], device), train_y[idx].to(device, non_blocking=True)
+            # x: cached prefix outputs, or images that prepare() runs through the frozen prefix
+            x, y = train.batch(order[start:start + bs], device)
             with _autocast(device, bool(trainer.amp)):
-                logits = model(normalize(x))
+                logits = suffix(train.prepare(x))
                 loss = loss_fn(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -175,7 +182,7 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
                 f"optim.lr_backbone={optim.lr_backbone})."
             )
         t1 = time.perf_counter()
-        val_acc = evaluate(model, data.val, normalize, device, bs * 4, bool(trainer.amp))
+        val_acc = evaluate(model, feeds.val, normalize, device, bs * 4, bool(trainer.amp))
         eval_time = time.perf_counter() - t1
         stats = EpochStats(epoch + 1, train_loss, correct.item() / n_used, val_acc,
                            epoch_time, eval_time, n_used / epoch_time)

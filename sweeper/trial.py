@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sweeper import cache, weights
 from sweeper import data as data_mod
-from sweeper import weights
 from sweeper.model import build, check_backbone
 from sweeper.pretrain import source_run_id
 from sweeper.tracking import Run, Tracker, config_params, environment_tags
@@ -85,6 +85,12 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
             model.to(memory_format=torch.channels_last)
         trainable, frozen = model.count_parameters()
         run.metrics({"trainable_params": trainable, "frozen_params": frozen})
+        # Frozen-prefix outputs computed once (or found) here; fit charges their recorded cost.
+        feeds = cache.feeds(model, data, cfg.get("cache"), data_mod.augment(cfg.get("augment")),
+                            device, bool(cfg.trainer.amp))
+        run.tags(feeds.tags())
+        cache_metrics = feeds.metrics()
+        run.metrics(cache_metrics)
 
         def epoch_done(s: EpochStats) -> None:
             run.metrics({"train_loss": s.train_loss, "train_acc": s.train_acc,
@@ -93,8 +99,8 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
             if on_epoch is not None:
                 on_epoch(s)
 
-        result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done)
-        test_acc = evaluate(model, data.test, data.normalize.to(device), device,
+        result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=feeds)
+        test_acc = evaluate(model, feeds.test, data.normalize.to(device), device,
                             int(cfg.trainer.batch_size) * 4, bool(cfg.trainer.amp))
         final = {
             "val_acc": result.val_acc,
@@ -121,7 +127,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     run.end()
     log.info("val_acc %.4f  test_acc %.4f  train_time_s %.2f  (MLflow run %s)",
              final["val_acc"], final["test_acc"], final["train_time_s"], run.run_id)
-    return {**final, "trainable_params": trainable, "frozen_params": frozen,
+    return {**final, **cache_metrics, "trainable_params": trainable, "frozen_params": frozen,
             "run_id": run.run_id}
 
 

@@ -1,0 +1,234 @@
+"""The frozen-prefix cache: same weights as training through the prefix, derived cuts, sharing
+between processes, corrupt entries, augmentation rules and a time objective that does not
+depend on a cold or warm cache."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sweeper import cache
+from sweeper import data as data_mod
+from sweeper.errors import UserError
+from sweeper.model import build
+from sweeper.train import fit
+from sweeper.trial import run_trial
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def empty_memory():
+    cache.MEMORY.clear()
+    yield
+    cache.MEMORY.clear()
+
+
+def _model(cfg, data, unfrozen: int):
+    torch.manual_seed(0)
+    model, _ = build(cfg.backbone, len(data.classes), unfrozen, None)
+    return model
+
+
+def _prefix(cfg, model, data, split: str = "train", dtype=torch.float32) -> cache.Prefix:
+    s = getattr(data, split)
+    return cache.Prefix(model, s, data.normalize, dtype, torch.device("cpu"), False,
+                        cache.split_digest(s, data.normalize),
+                        [cache.unit_digest(u) for u in model.frozen_units()])
+
+
+def _trained(make_cfg, *overrides: str, feed: str, unfrozen: int = 3):
+    """Weights after training with train/val fed as ``images``, ``cached`` or ``fp16-rounded``
+    (images through the frozen prefix, its output rounded to fp16 and back)."""
+    cfg = make_cfg("trainer.epochs=2", *overrides)
+    data = data_mod.load(cfg.dataset)
+    model = _model(cfg, data, unfrozen)
+    cpu = torch.device("cpu")
+    feeds = None
+    if feed == "cached":
+        feeds = cache.feeds(model, data, cfg.cache, None, cpu)
+        assert feeds.train.cached and feeds.val.cached
+    elif feed == "fp16-rounded":
+        feeds = cache.Feeds(*(cache.image_feed(model, s, data.normalize, cpu)
+                              for s in (data.train, data.val, data.test)))
+        for f in (feeds.train, feeds.val):
+            f.prepare = lambda x, p=f.prepare: p(x).half().float()
+    fit(model, data, cfg.trainer, cfg.optim, cpu, feeds=feeds)
+    return model.state_dict(), feeds
+
+
+def test_cache_trains_the_same_weights_as_the_frozen_prefix_in_eval_mode(make_cfg):
+    # fp32 storage: bit-identical to running the frozen prefix (eval mode) every step.
+    reference, _ = _trained(make_cfg, feed="images")
+    cached, feeds = _trained(make_cfg, "cache.dtype=float32", feed="cached")
+    assert feeds.train.rows.dtype == torch.float32
+    initial = _model(make_cfg(), data_mod.load(make_cfg().dataset), 3).state_dict()
+    assert any(not torch.equal(reference[k], initial[k]) for k in reference)  # it did train
+    for name, want in reference.items():
+        assert torch.equal(cached[name], want), name
+
+
+def test_fp16_storage_changes_nothing_but_the_rounding_of_the_prefix_output(make_cfg):
+    rounded, _ = _trained(make_cfg, feed="fp16-rounded")
+    cached, feeds = _trained(make_cfg, "cache.dtype=float16", feed="cached")
+    assert feeds.train.rows.dtype == torch.float16
+    for name, want in rounded.items():
+        assert torch.equal(cached[name], want), name
+    # And that rounding moves a linear probe's weights by fp16-sized amounts. (Deeper suffixes
+    # with train-mode BatchNorm on this tiny random net amplify any perturbation, fp16 or not.)
+    full, _ = _trained(make_cfg, feed="images", unfrozen=0)
+    half, _ = _trained(make_cfg, "cache.dtype=float16", feed="cached", unfrozen=0)
+    torch.testing.assert_close(half["head.weight"], full["head.weight"], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_a_deeper_cut_is_derived_from_the_deepest_shallower_one(make_cfg, outputs, dtype, tol):
+    cfg = make_cfg()
+    data = data_mod.load(cfg.dataset)
+    model = _model(cfg, data, 2)  # frozen: units 0..6
+    directory = outputs / "cache"
+    for cut in (3, 1):  # nothing below either to derive from
+        feed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), cut, directory)
+        assert feed.source == "filled"
+    feed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 6, directory)
+    assert feed.source == "derived from cut 3"
+    x = data.normalize(data.train.images)
+    with torch.no_grad():
+        for unit in model.units[:6]:
+            x = unit(x)
+    torch.testing.assert_close(feed.rows.float(), x, rtol=tol, atol=tol)
+    # Its recorded cost is that of computing it from the images: parent's cost + derivation.
+    parent, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, directory)
+    assert feed.fill_time_s > parent.fill_time_s
+
+
+_FILLER = """
+import sys, time
+from pathlib import Path
+import torch
+from hydra import compose, initialize_config_dir
+from sweeper import cache, data as data_mod
+from sweeper.model import build
+conf, go, out, *overrides = sys.argv[1:]
+with initialize_config_dir(config_dir=conf, version_base="1.3"):
+    cfg = compose("config", overrides=overrides)
+data = data_mod.load(cfg.dataset)
+torch.manual_seed(0)
+model, _ = build(cfg.backbone, len(data.classes), 2, None)
+Path(out + ".ready").touch()
+while not Path(go).exists():
+    time.sleep(0.002)
+feeds = cache.feeds(model, data, cfg.cache, None, torch.device("cpu"))
+torch.save(feeds.train.rows.clone(), out)
+print(feeds.train.source)
+"""
+
+
+def test_two_processes_filling_one_entry_leave_one_valid_entry(outputs, tmp_path):
+    go = tmp_path / "go"
+    overrides = ["backbone.weights=none", "dataset=fake", "dataset.size=600",
+                 "dataset.train_per_class=150", f"paths.outputs={outputs}"]
+    outs = [tmp_path / f"rows{i}.pt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _FILLER, str(ROOT / "conf"), str(go), str(out),
+                               *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for out in outs]
+    deadline = time.monotonic() + 120
+    while not all(Path(f"{out}.ready").exists() for out in outs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate() for p in procs if p.poll() is not None]
+        time.sleep(0.01)
+    go.touch()  # both start filling the same entries at once
+    sources = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        sources.append(stdout.strip().splitlines()[-1])
+    assert sorted(sources) == ["filled", "hit (disk)"]
+    entries = sorted((outputs / "cache" / "features").iterdir())
+    assert [e.suffix for e in entries].count(".feat") == 3  # train, val, test: one each
+    assert not [e for e in entries if ".tmp" in e.name]
+    a, b = (torch.load(out) for out in outs)
+    assert torch.equal(a, b)
+
+
+def test_a_truncated_or_corrupt_entry_is_rebuilt(make_cfg, outputs, caplog):
+    cfg = make_cfg()
+    data = data_mod.load(cfg.dataset)
+    model = _model(cfg, data, 2)
+    directory = outputs / "cache"
+    first, _ = cache.prefix_outputs(_prefix(cfg, model, data), 4, directory)
+    want = first.rows.clone()
+    (path,) = directory.glob("*.feat")
+    for damage in ("truncate", "flip a byte"):
+        cache.MEMORY.clear()
+        raw = bytearray(path.read_bytes())
+        if damage == "truncate":
+            raw = raw[: len(raw) - 100]
+        else:
+            raw[-1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        with caplog.at_level(logging.WARNING, logger="sweeper.cache"):
+            again, _ = cache.prefix_outputs(_prefix(cfg, model, data), 4, directory)
+        assert again.source == "filled", damage
+        assert "Rebuilding corrupt or stale cache entry" in caplog.text
+        assert torch.equal(again.rows, want)
+        caplog.clear()
+    cache.MEMORY.clear()
+    hit, _ = cache.prefix_outputs(_prefix(cfg, model, data), 4, directory)
+    assert hit.source == "hit (disk)" and torch.equal(hit.rows, want)
+
+
+def test_cache_on_with_random_augmentation_is_a_config_error(make_cfg, cli):
+    cfg = make_cfg("cache.mode=on", "augment=crop_flip")
+    data = data_mod.load(cfg.dataset)
+    model = _model(cfg, data, 2)
+    with pytest.raises(UserError, match="cache.mode=on, but the train transform is random"):
+        cache.feeds(model, data, cfg.cache, data_mod.augment(cfg.augment), torch.device("cpu"))
+    done = cli("cache.mode=on", "augment=crop_flip")
+    assert done.returncode == 1
+    assert "cannot be cached" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cache_auto_with_random_augmentation_caches_val_and_test_only(make_cfg, caplog,
+                                                                      mlflow_client):
+    cfg = make_cfg("augment=crop_flip")
+    with caplog.at_level(logging.INFO, logger="sweeper.cache"):
+        result = run_trial(cfg)
+    assert "train runs through the frozen prefix, augment is random" in caplog.text
+    tags = mlflow_client.get_run(result["run_id"]).data.tags
+    assert tags["cache.train"].startswith("images (augment is random")
+    assert tags["cache.val"] == "filled" and tags["cache.test"] == "filled"
+    off = run_trial(make_cfg("cache.mode=off"))
+    assert mlflow_client.get_run(off["run_id"]).data.tags["cache.val"] == "images (cache.mode=off)"
+
+
+def test_a_memory_budget_smaller_than_the_features_is_respected(make_cfg):
+    big = run_trial(make_cfg())
+    cache.MEMORY.clear()
+    small = run_trial(make_cfg("cache.memory_budget_mb=0.01", "cache.dir=${paths.outputs}/cache2"))
+    assert small["cache_bytes"] > 0.01 * 2**20
+    assert cache.MEMORY.nbytes <= 0.01 * 2**20
+    assert small["cache_mapped_bytes"] > 0
+    assert small["val_acc"] == big["val_acc"] and small["test_acc"] == big["test_acc"]
+
+
+def test_the_time_objective_does_not_depend_on_a_cold_or_warm_cache(make_cfg, mlflow_client):
+    # Enough frozen work that the fill is a visible share of train_time_s.
+    overrides = ("freeze.unfrozen=1", "dataset.size=600", "dataset.train_per_class=150",
+                 "dataset.val_per_class=20", "dataset.test_per_class=20", "trainer.batch_size=32")
+    cold = run_trial(make_cfg(*overrides))
+    warm = run_trial(make_cfg(*overrides))
+    assert cold["cache_hits"] == 0 and warm["cache_hits"] == 3
+    assert cold["cache_fill_time_s"] > 0 and warm["cache_fill_time_s"] == 0
+    assert warm["cache_fill_charged_s"] == pytest.approx(cold["cache_fill_charged_s"])
+    assert 0.6 < warm["train_time_s"] / cold["train_time_s"] < 1.6
+    # Without the charge the warm trial would look cheaper by the whole fill.
+    metrics = mlflow_client.get_run(warm["run_id"]).data.metrics
+    for name in ("cache_hits", "cache_fill_time_s", "cache_fill_charged_s", "cache_bytes"):
+        assert name in metrics, name
