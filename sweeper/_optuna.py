@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeper.errors import UserError
 
 log = logging.getLogger(__name__)
+# TPE's group, QMC and metric names have been "experimental" since Optuna 2-3; we rely on them.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 HEARTBEAT = "sweeper:heartbeat"  # trial system attr: time.time() of the last sign of life
 LOST = "sweeper:lost"            # trial system attr: failed because its heartbeat stopped

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +35,6 @@ from sweeper.tracking import Run, Tracker, config_params
 log = logging.getLogger(__name__)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
-# TPE's group option and metric names are "experimental" since Optuna 2.8/3.2; we rely on them.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 # A launch runs trial ``number`` with these Hydra overrides and returns when it has ended;
 # it raises if the job failed in a way the job itself could not record.
@@ -118,7 +115,7 @@ class StudyRunner:
             raise UserError(
                 "Pruning stops trials on their per-epoch val_acc, so it needs the single "
                 f"objective val_acc (maximize); the objectives are {self.objectives}. Add "
-                "hydra/sweeper/objectives=accuracy, or drop the pruner (hydra/sweeper/pruner=null).")
+                "hydra/sweeper/objectives=accuracy, or drop the pruner (hydra/sweeper/pruner=none).")
 
     def _open_study(self) -> optuna.Study:
         directions = list(self.objectives.values())
@@ -175,7 +172,7 @@ class StudyRunner:
             "objectives": ", ".join(f"{k}:{v}" for k, v in self.objectives.items()),
             "directions": ", ".join(self.objectives.values()),
             "sampler": _describe_target(sampler),
-            "pruner": _describe_target(pruner) if pruner is not None else "none",
+            "pruner": _describe_target(pruner),
         })
         searched = set(self.space.sampled) | {k.lstrip("+~") for k in self.space.sampled}
         params.update({f"config.{k}": v for k, v in config_params(self.cfg).items()
@@ -364,7 +361,7 @@ class StudyRunner:
 
 
 def _describe_target(node: DictConfig | None) -> str:
-    if node is None:
+    if node is None or node.get("_target_") is None:
         return "none"
     d = OmegaConf.to_container(node, resolve=True)
     target = str(d.pop("_target_", None)).rsplit(".", 1)[-1]
@@ -414,7 +411,7 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
 
     ``cfg`` is the project's composed config; ``sweep`` the ``hydra.sweeper`` settings
     (default: ``cfg.hydra.sweeper`` when ``cfg`` was composed with
-    ``return_hydra_config=True``); a mapping is merged over those defaults. ``arguments`` are
+    ``return_hydra_config=True``); a mapping replaces those settings key by key. ``arguments`` are
     extra overrides in Hydra's grammar (sweeps join the search space). Trials run in threads
     of this process (``n_jobs`` at a time) with the same Optuna storage, pruning, heartbeats
     and MLflow runs as ``python -m sweeper.run -m``; config-group choices (``backbone=...``)
@@ -434,8 +431,10 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
     base = cfg.hydra.sweeper if "hydra" in cfg else default_settings()
     if isinstance(sweep, DictConfig) and "_target_" in sweep:
         base = sweep
-    elif sweep is not None:
-        base = OmegaConf.merge(base, OmegaConf.create(dict(sweep)))
+    elif sweep is not None:  # top-level keys replace (objectives={val_acc: maximize} is one)
+        base = OmegaConf.create(OmegaConf.to_container(base, resolve=False))
+        for key, value in dict(sweep).items():
+            base[key] = value
     task = cfg.copy()
     if "hydra" in task:
         OmegaConf.set_struct(task, False)

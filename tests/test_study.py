@@ -1,0 +1,265 @@
+"""The Optuna sweeper: a study end to end, resume, grid, pruning, failures, the basic sweeper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from optuna.trial import TrialState
+
+from sweeper._space import parse
+from sweeper.errors import UserError
+from tests.conftest import CONF, ROOT, TINY
+
+STUDY = "freeze-resnet18-fake"  # the default study name under TINY
+
+
+def load_study(outputs: Path, name: str = STUDY) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(outputs / "optuna" / "journal.log")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def study_runs(client, name: str = STUDY):
+    """The parent run of study ``name`` and its child runs."""
+    exp = client.get_experiment_by_name("sweeper")
+    parents = client.search_runs([exp.experiment_id],
+                                 f"tags.`sweeper.kind` = 'study' and tags.`optuna.study_name` = '{name}'")
+    assert len(parents) == 1, [p.info.run_id for p in parents]
+    children = client.search_runs([exp.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    return parents[0], children
+
+
+def check_consistent(study: optuna.Study, client) -> None:
+    """Optuna and MLflow agree: one child run per trial, same state and metrics."""
+    parent, children = study_runs(client, study.study_name)
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    by_id = {r.info.run_id: r for r in children}
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    for t in study.trials:
+        assert t.state != TrialState.RUNNING
+        mine = [r for r in children if r.data.tags["optuna.trial_number"] == str(t.number)]
+        if t.system_attrs.get("sweeper:lost"):
+            assert all(r.info.status in ("FAILED", "KILLED") for r in mine)
+            continue
+        assert len(mine) == 1, (t.number, [r.info.run_id for r in mine])
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["sweeper.kind"] == "trial"
+        if t.state == TrialState.COMPLETE:
+            assert run.info.status == "FINISHED" and run.data.tags["state"] == "complete"
+            for name, value in zip(study.metric_names, t.values, strict=True):
+                assert run.data.metrics[name] == pytest.approx(value)
+        elif t.state == TrialState.PRUNED:
+            assert run.info.status == "KILLED" and run.data.tags["state"] == "pruned"
+        else:
+            assert run.info.status == "FAILED" and run.data.tags["state"] == "failed"
+            assert run.data.tags["error"] and t.user_attrs["error"]
+
+
+def test_six_trial_study(cli, outputs, mlflow_client):
+    r = cli("hydra.mode=MULTIRUN", "hydra.sweeper.n_trials=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load_study(outputs)
+    assert len(study.trials) == 6
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.metric_names == ["val_acc", "train_time_s"]
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for t in study.trials:  # the default space; lr_backbone only when something trains
+        assert 0 <= t.params["freeze.unfrozen"] <= 9
+        assert ("optim.lr_backbone" in t.params) == (t.params["freeze.unfrozen"] > 0)
+    parent, children = study_runs(mlflow_client)
+    assert len(children) == 6
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna.storage"] == str(outputs / "optuna" / "journal.log")
+    assert parent.data.params["search.freeze.unfrozen"] == "int(0..9)"
+    assert parent.data.params["search.optim.lr_backbone"].endswith("if freeze.unfrozen > 0")
+    assert parent.data.params["sampler"].startswith("TPESampler(")
+    assert parent.data.metrics["n_trials_complete"] == 6
+    assert parent.data.metrics["pareto_size"] == len(study.best_trials)
+    artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
+    assert {"pareto.json", "pareto.csv", "trials.csv", "config.yaml"} <= artifacts
+    pareto = Path(mlflow_client.download_artifacts(parent.info.run_id, "pareto.csv",
+                                                   str(outputs))).read_text().splitlines()
+    assert pareto[0].startswith("trial,state,val_acc,train_time_s")
+    assert len(pareto) == 1 + len(study.best_trials)
+    check_consistent(study, mlflow_client)
+
+
+def test_resume_counts_the_study_total(cli, outputs, mlflow_client):
+    for n, expected in ((4, 4), (4, 4), (6, 6)):
+        r = cli("hydra.mode=MULTIRUN", f"hydra.sweeper.n_trials={n}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(load_study(outputs).trials) == expected
+        parent, children = study_runs(mlflow_client)
+        assert len(children) == expected
+        assert parent.info.status == "FINISHED"
+    check_consistent(load_study(outputs), mlflow_client)
+
+
+def test_resume_refuses_other_settings(cli, outputs):
+    assert cli("hydra.mode=MULTIRUN", "hydra.sweeper.n_trials=1").returncode == 0
+    r = cli("hydra.mode=MULTIRUN", "hydra.sweeper.n_trials=2", "trainer.epochs=2")
+    assert r.returncode != 0
+    assert "was started with the overrides" in r.stderr
+    assert len(load_study(outputs).trials) == 1
+
+
+def test_grid_runs_every_depth(cli, outputs, mlflow_client):
+    r = cli("hydra.mode=MULTIRUN", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load_study(outputs)
+    assert sorted(t.params["freeze.unfrozen"] for t in study.trials) == list(range(10))
+    assert all(set(t.params) == {"freeze.unfrozen"} for t in study.trials)
+    parent, children = study_runs(mlflow_client)
+    assert len(children) == 10 and parent.info.status == "FINISHED"
+
+
+def test_basic_sweeper_still_works(cli, outputs, mlflow_client):
+    r = cli("hydra.mode=MULTIRUN", "hydra/sweeper=basic", "freeze.unfrozen=0,2,4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    exp = mlflow_client.get_experiment_by_name("sweeper")
+    runs = mlflow_client.search_runs([exp.experiment_id])
+    assert sorted(r.data.params["freeze.unfrozen"] for r in runs) == ["0", "2", "4"]
+    assert not (outputs / "optuna").exists()
+
+
+def test_failures_and_a_bad_override(cli, outputs, mlflow_client):
+    # backbone=nope does not compose (the launcher raises); unfrozen=99 fails in the job.
+    r = cli("hydra.mode=MULTIRUN", "hydra/sweeper/sampler=grid", "backbone=resnet18,nope",
+            "freeze.unfrozen=choice(0,99)", "hydra.sweeper.max_failure_rate=1.0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load_study(outputs)
+    states = {(t.params["backbone"], t.params["freeze.unfrozen"]): t.state for t in study.trials}
+    assert states == {("resnet18", 0): TrialState.COMPLETE, ("resnet18", 99): TrialState.FAIL,
+                      ("nope", 0): TrialState.FAIL, ("nope", 99): TrialState.FAIL}
+    errors = {t.params["backbone"]: t.user_attrs["error"] for t in study.trials
+              if t.state == TrialState.FAIL}
+    assert "nope" in errors["nope"]
+    assert "99" in errors["resnet18"]
+    check_consistent(study, mlflow_client)
+    parent, _ = study_runs(mlflow_client)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials_failed"] == 3
+
+
+def tiny_cfg(outputs: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"paths.outputs={outputs}", *overrides],
+                       return_hydra_config=True)
+
+
+def test_diverging_trials_stop_the_study(outputs, mlflow_client):
+    from sweeper.study import optimize
+
+    cfg = tiny_cfg(outputs)
+    with pytest.raises(UserError, match="3 of 3 finished trials failed"):
+        optimize(cfg, {"n_trials": 6, "study_name": "diverge"}, progress="none",
+                 arguments=["optim.lr_head=1e12", "optim.lr_backbone=1e12"])
+    study = load_study(outputs, "diverge")
+    assert len(study.trials) == 3
+    assert all(t.state == TrialState.FAIL for t in study.trials)
+    assert all("Training diverged" in t.user_attrs["error"] for t in study.trials)
+    check_consistent(study, mlflow_client)
+    parent, _ = study_runs(mlflow_client, "diverge")
+    assert parent.info.status == "FAILED" and "max_failure_rate" in parent.data.tags["error"]
+
+
+def test_pruned_trials(outputs, mlflow_client):
+    from sweeper.study import optimize
+
+    cfg = tiny_cfg(outputs, "trainer.epochs=3")
+    result = optimize(cfg, {
+        "n_trials": 3, "study_name": "prune", "objectives": {"val_acc": "maximize"},
+        # Deterministic: every trial is below 1.01 after its first epoch.
+        "pruner": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 1.01},
+    }, progress="none")
+    study = load_study(outputs, "prune")
+    assert result.study.study_name == "prune"
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 3
+    assert all(list(t.intermediate_values) == [1] for t in study.trials)
+    check_consistent(study, mlflow_client)
+    _, children = study_runs(mlflow_client, "prune")
+    assert all(len(mlflow_client.get_metric_history(r.info.run_id, "val_acc")) == 1
+               for r in children)  # stopped after epoch 1 of 3
+
+
+def test_pruning_needs_one_objective(outputs):
+    from sweeper.study import optimize
+
+    cfg = tiny_cfg(outputs, "hydra/sweeper/pruner=median")
+    assert cfg.hydra.sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
+    with pytest.raises(UserError, match="single objective val_acc"):
+        optimize(cfg, progress="none")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsgaii", "gp", "random", "qmc", "grid"])
+@pytest.mark.parametrize("pruner", ["none", "median", "hyperband"])
+def test_configs_build(outputs, sampler, pruner):
+    from omegaconf import OmegaConf
+
+    from sweeper import _optuna
+
+    cfg = tiny_cfg(outputs, f"hydra/sweeper/sampler={sampler}", f"hydra/sweeper/pruner={pruner}")
+    s = OmegaConf.create(OmegaConf.to_container(cfg.hydra.sweeper, resolve=True))
+    space = parse(s.params, s.conditions)
+    grid, _ = space.grid()
+    assert isinstance(_optuna.make_sampler(s.sampler, grid=grid), optuna.samplers.BaseSampler)
+    assert isinstance(_optuna.make_pruner(s.get("pruner")), optuna.pruners.BasePruner)
+
+
+def test_space_from_override_grammar():
+    space = parse({"a": "int(interval(0, 9))", "b": "tag(log, interval(1e-4, 1e-1))",
+                   "c": "choice(x, y)", "d": "range(0, 10, 2)", "e": "3"},
+                  {"b": "a > 0"}, ["c=x,z", "f=1.5"])
+    assert space.describe() == {"a": "int(0..9)", "b": "float(0.0001..0.1, log) if a > 0",
+                                "c": "choice(x, z)", "d": "int(0..8, step 2)",
+                                "e": "fixed 3", "f": "fixed 1.5"}
+    assert list(space.sampled)[-1] == "b"  # conditions are sampled after what they refer to
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        overrides = dict(o.split("=", 1) for o in space.suggest(trial, lambda k: None))
+        assert ("b" in overrides) == (overrides["a"] != "0")
+        study.tell(trial, 0.0)
+    with pytest.raises(UserError):
+        parse({"a": "interval(0"})
+
+
+def test_plugin_found_from_another_directory(tmp_path):
+    code = ("from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+            "print([p.__module__ + '.' + p.__name__ for p in Plugins.instance().discover(Sweeper)])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert "hydra_plugins.sweeper_optuna.OptunaSweeper" in r.stdout, r.stderr
+
+
+def test_plugin_found_from_a_wheel(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    if r.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {r.stderr[-500:]}")
+    (wheel,) = (tmp_path / "dist").glob("sweeper-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "hydra_plugins/sweeper_optuna/__init__.py" in names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package, as Hydra needs
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    # Without site (-S): no .pth files, so not the editable install; the venv's packages and
+    # the unpacked wheel only.
+    venv_site = next(p for p in sys.path if p.endswith("site-packages"))
+    code = (f"import sys; sys.path[:0] = [{str(site)!r}, {venv_site!r}]; "
+            "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+            "import hydra_plugins.sweeper_optuna as m; print(m.__file__); "
+            "print([p.__module__ + '.' + p.__name__ for p in Plugins.instance().discover(Sweeper)])")
+    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": ""})
+    assert str(site) in r.stdout and "hydra_plugins.sweeper_optuna.OptunaSweeper" in r.stdout, \
+        r.stdout + r.stderr
