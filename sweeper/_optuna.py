@@ -214,10 +214,12 @@ def stale_trials(study: optuna.Study, grace_period: float) -> list[FrozenTrial]:
             if now - last_sign_of_life(t) > grace_period]
 
 
-def mark_lost(storage: BaseStorage, trial: FrozenTrial) -> bool:
-    """FAIL a trial whose process is gone; False if someone else finished it first."""
+def mark_lost(storage: BaseStorage, trial: FrozenTrial, reason: str) -> bool:
+    """FAIL a trial whose process is gone, with ``reason`` in its user attr ``error``;
+    False if someone else finished it first."""
     try:
         storage.set_trial_system_attr(trial._trial_id, LOST, True)
+        storage.set_trial_user_attr(trial._trial_id, "error", reason)
         return bool(storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL))
     except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
         return False

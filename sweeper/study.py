@@ -287,17 +287,16 @@ class StudyRunner:
         grace = float(self.s.grace_period)
         lost = []
         for t in _optuna.stale_trials(self.study, grace):
-            if t._trial_id in self._mine or not _optuna.mark_lost(self.storage, t):
-                continue
             reason = (f"lost: no heartbeat for more than {grace:g} s (its process was killed "
                       f"or its machine went away; worker {t.system_attrs.get(_optuna.WORKER)})")
+            if t._trial_id in self._mine or not _optuna.mark_lost(self.storage, t, reason):
+                continue
             self._after_lost(t, reason)
             lost.append(t)
         return lost
 
     def _after_lost(self, t: FrozenTrial, reason: str, status: str = "FAILED") -> None:
         log.warning("trial %d %s", t.number, reason)
-        self.storage.set_trial_user_attr(t._trial_id, "error", reason)
         try:
             fail_trial_runs(self.tracker, self.parent.run_id, self.name, t.number, reason,
                             status=status)
@@ -312,7 +311,7 @@ class StudyRunner:
             mine = list(self._mine)
         for trial_id in mine:
             t = self.storage.get_trial(trial_id)
-            if t.state == TrialState.RUNNING and _optuna.mark_lost(self.storage, t):
+            if t.state == TrialState.RUNNING and _optuna.mark_lost(self.storage, t, reason):
                 self._after_lost(t, reason, status="KILLED")
 
     def _wait_for_others(self) -> bool:
