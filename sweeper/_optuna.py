@@ -59,9 +59,21 @@ def storage_label(storage: str) -> str:
         return storage.split("://", 1)[0] + "://..."
 
 
+def rdb_url(storage: str) -> str:
+    """``storage`` with a driver SQLAlchemy can load: SQLAlchemy 2.1 reads a bare
+    ``postgresql://`` as psycopg 3; use psycopg2 when only that one is installed."""
+    import importlib.util
+
+    if (storage.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None
+            and importlib.util.find_spec("psycopg2") is not None):
+        return "postgresql+psycopg2://" + storage[len("postgresql://"):]
+    return storage
+
+
 def open_storage(storage: str) -> BaseStorage:
     """The Optuna storage for ``storage``: an RDB URL, or else a journal file path."""
     if is_url(storage):
+        storage = rdb_url(storage)
         if storage.startswith("sqlite:"):
             log.warning("SQLite is not safe for parallel writers (Optuna FAQ): use the default "
                         "journal file on one machine, PostgreSQL for several.")
@@ -99,7 +111,8 @@ class StudyLock:
         elif storage.startswith("postgresql"):
             import sqlalchemy
 
-            self._engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+            self._engine = sqlalchemy.create_engine(rdb_url(storage),
+                                                    poolclass=sqlalchemy.pool.NullPool)
         else:
             log.warning("No cross-process lock for %s: several sweeps on this study may run a "
                         "few trials past n_trials.", storage_label(storage))

@@ -93,8 +93,9 @@ class StudyRunner:
                 log.info("grid sampler: n_trials=%d, the size of the grid", size)
             self.n_trials = size
         self._check_pruning(settings)
-        self.storage = _optuna.open_storage(self.storage_spec)
         self.lock = _optuna.StudyLock(self.storage_spec, self.name)
+        with self.lock():  # two sweeps on a new database would both create Optuna's tables
+            self.storage = _optuna.open_storage(self.storage_spec)
         self.tracker = Tracker(cfg.tracking)
         self._stop = threading.Event()
         self._stop_reason: str | None = None
