@@ -39,7 +39,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +86,14 @@ class Feed:
 
     @property
     def cached(self) -> bool:
-        return self.rows.dtype != torch.uint8
+        return not self.source.startswith("images")
 
     def on(self, device: torch.device) -> Feed:
-        """This feed with its rows on ``device`` when it is a GPU and they are in RAM."""
+        """This feed with its rows on ``device`` when it is a GPU and they are in RAM (small
+        sets: no copy per step); memory-mapped rows stay put and are copied per batch."""
         if device.type != "cuda" or self.mapped:
             return self
-        return Feed(self.rows.to(device), self.labels.to(device), self.prepare, self.source,
-                    self.fill_time_s, self.nbytes, self.mapped)
+        return replace(self, rows=self.rows.to(device), labels=self.labels.to(device))
 
     def batch(self, idx: torch.Tensor | slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows and labels at ``idx`` on ``device`` (pinned, non-blocking copies from the CPU)."""
@@ -115,7 +115,6 @@ class Feeds:
     val: Feed
     test: Feed
     filled_s: float = 0.0  # time this trial actually spent filling entries
-    notes: list[str] = field(default_factory=list)
 
     def tags(self) -> dict[str, str]:
         return {"cache.train": self.train.source, "cache.val": self.val.source,
@@ -425,6 +424,7 @@ def feeds(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augme
     ``off`` never caches. Fills and hits are timed and described for the trial's run.
     """
     mode = cache_mode(cache)
+    amp = amp and device.type == "cuda"  # bf16 autocast runs on CUDA only (sweeper.train)
     normalize = data.normalize.to(device)
     random_train = augment is not None and augment.random
 

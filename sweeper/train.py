@@ -147,7 +147,7 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
     normalize = data.normalize.to(device)
     if feeds is None:
         feeds = Feeds(*(image_feed(model, s, normalize, device) for s in (data.train, data.val, data.test)))
-    train = feeds.train.on(device)  # small sets live on the GPU: no copies per step
+    train, val = feeds.train.on(device), feeds.val.on(device)
     # The trainable suffix is all autograd sees; compiling it is optional (trainer.compile).
     suffix = torch.compile(model.forward_trainable) if trainer.get("compile") else model.forward_trainable
     gen = torch.Generator().manual_seed(int(trainer.seed))
@@ -182,7 +182,7 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
                 f"optim.lr_backbone={optim.lr_backbone})."
             )
         t1 = time.perf_counter()
-        val_acc = evaluate(model, feeds.val, normalize, device, bs * 4, bool(trainer.amp))
+        val_acc = evaluate(model, val, normalize, device, bs * 4, bool(trainer.amp))
         eval_time = time.perf_counter() - t1
         stats = EpochStats(epoch + 1, train_loss, correct.item() / n_used, val_acc,
                            epoch_time, eval_time, n_used / epoch_time)
