@@ -263,3 +263,20 @@ def test_plugin_found_from_a_wheel(tmp_path):
                        text=True, env={**os.environ, "PYTHONPATH": ""})
     assert str(site) in r.stdout and "hydra_plugins.sweeper_optuna.OptunaSweeper" in r.stdout, \
         r.stdout + r.stderr
+
+
+def test_pruner_sees_every_epoch_from_the_job(cli, outputs, mlflow_client):
+    """Through Hydra's launcher the job reports each epoch to its trial (Hyperband's
+    max_resource is ${trainer.epochs}, resolved in the job)."""
+    r = cli("hydra.mode=MULTIRUN", "hydra.sweeper.n_trials=4", "trainer.epochs=3",
+            "hydra/sweeper/objectives=accuracy", "hydra/sweeper/pruner=hyperband")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load_study(outputs)
+    assert study.metric_names == ["val_acc"] and len(study.trials) == 4
+    for t in study.trials:
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        epochs = 3 if t.state == TrialState.COMPLETE else max(t.intermediate_values)
+        assert sorted(t.intermediate_values) == list(range(1, epochs + 1))
+    check_consistent(study, mlflow_client)
+    parent, _ = study_runs(mlflow_client)
+    assert parent.data.params["pruner"].startswith("HyperbandPruner(min_resource=1, max_resource=3")
