@@ -248,10 +248,10 @@ class StudyRunner:
             self.launch(trial.number, overrides)
         except Exception as e:  # noqa: BLE001 - recorded on the trial below
             error = e
-        finally:
-            self.heartbeat.remove(trial._trial_id)
-            with self._mine_lock:
-                self._mine.discard(trial._trial_id)
+        # (on KeyboardInterrupt the trial stays ours: run() marks it lost, to be retried)
+        self.heartbeat.remove(trial._trial_id)
+        with self._mine_lock:
+            self._mine.discard(trial._trial_id)
         now = self.storage.get_trial(trial._trial_id)
         if now.state == TrialState.RUNNING:  # the job never got to tell: it failed outside it
             reason = (f"{type(error).__name__}: {error}" if error is not None
