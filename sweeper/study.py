@@ -412,10 +412,11 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
     ``cfg`` is the project's composed config; ``sweep`` the ``hydra.sweeper`` settings
     (default: ``cfg.hydra.sweeper`` when ``cfg`` was composed with
     ``return_hydra_config=True``); a mapping replaces those settings key by key. ``arguments`` are
-    extra overrides in Hydra's grammar (sweeps join the search space). Trials run in threads
-    of this process (``n_jobs`` at a time) with the same Optuna storage, pruning, heartbeats
-    and MLflow runs as ``python -m sweeper.run -m``; config-group choices (``backbone=...``)
-    cannot be searched this way, use the command line for those.
+    extra overrides in Hydra's grammar (sweeps join the search space). Trials run one at a
+    time in this process, with the same Optuna storage, pruning, heartbeats and MLflow runs as
+    ``python -m sweeper.run -m``; several processes calling it on the same storage and study
+    share the study. Config-group choices (``backbone=...``) cannot be searched this way: use
+    the command line for those.
 
     Returns the study, its MLflow parent run id and its Pareto set::
 
@@ -442,6 +443,13 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
         OmegaConf.set_struct(task, True)
     settings = _job.settings_in(task, base)
     OmegaConf.resolve(settings)
+    if int(settings.n_jobs) > 1:
+        # Trials here share one process (and its feature cache and torch threads).
+        log.warning("optimize() runs one trial at a time; for parallel trials run "
+                    "`python -m sweeper.run -m hydra/launcher=joblib hydra.sweeper.n_jobs=%s`, "
+                    "or call optimize() from several processes on the same storage.",
+                    settings.n_jobs)
+        settings.n_jobs = 1
 
     def launch(number: int, overrides: list[str]) -> None:
         result = _job.run(_apply(task, overrides), settings, number)
