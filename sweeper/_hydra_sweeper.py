@@ -8,6 +8,7 @@ worker, so with ``n_jobs=N`` a finished worker starts the next trial at once: no
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from hydra.core.plugins import Plugins
@@ -54,6 +55,13 @@ class SweeperImpl:
                         "hydra/launcher=joblib (or submitit_local) for parallel trials.",
                         settings.n_jobs)
             settings.n_jobs = 1
+        slots = self.config.hydra.launcher.get("n_jobs")  # joblib: -1 = one per CPU
+        if slots is not None and int(slots) != 0:
+            slots = int(slots) if int(slots) > 0 else (os.cpu_count() or 1) + 1 + int(slots)
+            if slots < int(settings.n_jobs):
+                log.warning("hydra.sweeper.n_jobs=%s but the launcher runs %d jobs at once: "
+                            "set hydra.launcher.n_jobs=%s.", settings.n_jobs, slots,
+                            settings.n_jobs)
         storage: list[str] = []
 
         def launch(number: int, overrides: list[str]) -> None:
