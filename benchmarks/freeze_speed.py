@@ -8,10 +8,11 @@ ours:  ``sweeper.train.fit`` fed by the frozen-prefix cache (``sweeper.cache``).
 
 Same data, epochs, batch size, seeds and optimizer. Prints, per depth unfrozen in {N, N//2,
 2, 0} (N = freeze units), the median epoch time of each, their ratio and both validation
-accuracies; then a cache-budget check and, last, the wall time of the same small study (same
-trials, same order) both ways, each study in a fresh process with a cold cache. OVERRIDEs
-are Hydra overrides of conf/config.yaml (e.g. ``backbone=resnet50``). Not a test: numbers
-depend on the machine and its load; ratios are what to compare.
+accuracies; then a cache-budget check and, last, the wall time of the same small study (every
+depth once, in a fixed shuffled order) both ways, each study in a fresh process with a cold
+cache. Naive and ours alternate (epoch by epoch in the table, trial by trial in the study), so
+a machine shared with other work slows both alike: the ratios are what to compare. OVERRIDEs
+are Hydra overrides of conf/config.yaml (e.g. ``backbone=resnet50``). Not a test.
 """
 
 from __future__ import annotations
@@ -52,9 +53,8 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
 
 # --- naive ---------------------------------------------------------------------------------
 
-def naive_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device,
-              on_epoch=None) -> tuple[list[float], float]:
-    """The usual recipe; returns per-epoch training times and the last val accuracy."""
+def naive_epochs(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device):
+    """The usual recipe, one epoch per ``next()``: yields (training time s, val accuracy)."""
     model = nn.Sequential(*net.units, net.head).to(device)  # plain train(): frozen BN moves too
     bs, n = int(cfg.trainer.batch_size), len(data.train)
     n_used = n - 1 if n % bs == 1 and n > 1 else n
@@ -62,8 +62,7 @@ def naive_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torc
     normalize = data.normalize.to(device)
     gen = torch.Generator().manual_seed(int(cfg.trainer.seed))
     loss_fn = nn.CrossEntropyLoss()
-    times, val_acc = [], 0.0
-    for epoch in range(int(cfg.trainer.epochs)):
+    for _ in range(int(cfg.trainer.epochs)):
         model.train()
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen)[:n_used]
@@ -75,11 +74,8 @@ def naive_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torc
             loss.backward()
             opt.step()
             sched.step()
-        times.append(time.perf_counter() - t0)
-        val_acc = naive_accuracy(model, data.val, normalize, device, bs * 4)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, times[-1], val_acc)
-    return times, val_acc
+        elapsed = time.perf_counter() - t0
+        yield elapsed, naive_accuracy(model, data.val, normalize, device, bs * 4)
 
 
 @torch.no_grad()
@@ -103,8 +99,10 @@ def naive_trial(cfg: DictConfig) -> dict:
     state, origin = weights.resolve(cfg)
     torch.manual_seed(int(cfg.trainer.seed))
     net, _ = build(cfg.backbone, len(data.classes), int(cfg.freeze.unfrozen), state, origin)
-    times, val_acc = naive_fit(net, data, cfg, device, on_epoch=lambda e, t, a: run.metrics(
-        {"epoch_time_s": t, "val_acc": a}, step=e))
+    times, val_acc = [], 0.0
+    for epoch, (t, val_acc) in enumerate(naive_epochs(net, data, cfg, device), 1):
+        times.append(t)
+        run.metrics({"epoch_time_s": t, "val_acc": val_acc}, step=epoch)
     model = nn.Sequential(*net.units, net.head)
     test_acc = naive_accuracy(model, data.test, data.normalize.to(device), device,
                               int(cfg.trainer.batch_size) * 4)
@@ -116,10 +114,10 @@ def naive_trial(cfg: DictConfig) -> dict:
 
 # --- ours ----------------------------------------------------------------------------------
 
-def ours_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device):
+def ours_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device, on_epoch):
     feeds = cache.feeds(net, data, cfg.cache, data_mod.augment(cfg.get("augment")), device,
                         bool(cfg.trainer.amp))
-    result = fit(net, data, cfg.trainer, cfg.optim, device, feeds=feeds)
+    result = fit(net, data, cfg.trainer, cfg.optim, device, on_epoch=on_epoch, feeds=feeds)
     return [e.epoch_time_s for e in result.epochs], result.val_acc, feeds
 
 
@@ -140,36 +138,67 @@ def depth_table(cfg: DictConfig) -> None:
     print(head)
     print("-" * len(head))
     for unfrozen in (n, n // 2, 2, 0):
-        row = {}
-        for name in ("naive", "ours"):
+        nets = []
+        for _ in range(2):  # identical initial weights and head for both
             torch.manual_seed(int(cfg.trainer.seed))
-            net, _ = build(cfg.backbone, len(data.classes), unfrozen, state, origin)
-            net.to(device)
-            if name == "naive":
-                times, acc = naive_fit(net, data, cfg, device)
-                fill = 0.0
-            else:
-                times, acc, feeds = ours_fit(net, data, cfg, device)
-                fill = feeds.train.fill_time_s
-            row[name] = (statistics.median(times), acc, fill)
-        (tn, an, _), (to, ao, fo) = row["naive"], row["ours"]
-        print(f"{unfrozen:>8} {n - unfrozen:>6} | {tn:>10.3f} {to:>9.4f} {tn / to:>6.1f}x | "
-              f"{an:>9.3f} {ao:>8.3f} | {fo:>13.2f}", flush=True)
+            nets.append(build(cfg.backbone, len(data.classes), unfrozen, state, origin)[0].to(device))
+        # Lockstep: one naive epoch after each of ours, so both see the same machine load.
+        naive = naive_epochs(nets[0], data, cfg, device)
+        naive_runs = []
+        times, acc, feeds = ours_fit(nets[1], data, cfg, device,
+                                     on_epoch=lambda _s, g=naive, r=naive_runs: r.append(next(g)))
+        naive_times = [t for t, _ in naive_runs]
+        ratio = statistics.median(tn / to for tn, to in zip(naive_times, times, strict=True))
+        print(f"{unfrozen:>8} {n - unfrozen:>6} | {statistics.median(naive_times):>10.3f} "
+              f"{statistics.median(times):>9.4f} {ratio:>6.1f}x | {naive_runs[-1][1]:>9.3f} {acc:>8.3f} | "
+              f"{feeds.train.fill_time_s:>13.2f}", flush=True)
+    print("ratio: median over epochs of naive epoch time / ours (epochs run alternately)")
 
 
-def study(kind: str, overrides: list[str], order: list[int]) -> None:
-    """One study in this (fresh) process; prints a JSON line with its wall time and peak RSS."""
+def worker(kind: str, overrides: list[str]) -> None:
+    """Run one trial per ``unfrozen`` read from stdin; answer each with a JSON line."""
     logging.getLogger().setLevel(logging.WARNING)
-    t0 = time.perf_counter()
-    results = []
-    for unfrozen in order:
-        cfg = compose_cfg([*overrides, f"freeze.unfrozen={unfrozen}"])
-        results.append(naive_trial(cfg) if kind == "naive" else run_trial(cfg))
-    wall = time.perf_counter() - t0
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"wall_s": wall, "peak_rss_mb": peak_rss_mb,
-                      "val_acc": [r["val_acc"] for r in results],
-                      "cache_memory_mb": cache.MEMORY.nbytes / 2**20}))
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        cfg = compose_cfg([*overrides, f"freeze.unfrozen={int(line)}"])
+        t0 = time.perf_counter()
+        result = naive_trial(cfg) if kind == "naive" else run_trial(cfg)
+        print(json.dumps({"wall_s": time.perf_counter() - t0, "val_acc": result["val_acc"],
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+              flush=True)
+
+
+def study(order: list[int], overrides: list[str]) -> dict[str, dict]:
+    """The same trials in the same order, naive and ours, each study in its own fresh process;
+    trials alternate between the two processes so that both see the same machine load."""
+    procs = {kind: subprocess.Popen([sys.executable, "-m", "benchmarks.freeze_speed", "--part", "worker",
+                                     "--kind", kind, *overrides], cwd=ROOT, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+             for kind in ("naive", "ours")}
+    out = {kind: {"wall_s": 0.0, "val_acc": [], "peak_rss_mb": 0.0} for kind in procs}
+
+    def answer(kind: str) -> dict:
+        line = procs[kind].stdout.readline()
+        if not line:
+            sys.exit(f"benchmark {kind} worker died (exit {procs[kind].wait()})")
+        return json.loads(line)
+
+    for kind in procs:
+        answer(kind)  # imported and ready
+    for i, unfrozen in enumerate(order):
+        for kind in (("naive", "ours") if i % 2 == 0 else ("ours", "naive")):
+            procs[kind].stdin.write(f"{unfrozen}\n")
+            procs[kind].stdin.flush()
+            res = answer(kind)
+            out[kind]["wall_s"] += res["wall_s"]
+            out[kind]["val_acc"].append(res["val_acc"])
+            out[kind]["peak_rss_mb"] = res["peak_rss_mb"]
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    return out
 
 
 def budget_check(overrides: list[str]) -> None:
@@ -197,15 +226,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
     parser.add_argument("--study-trials", type=int, default=None,
                         help="trials in the study (default: every depth 0..N once)")
-    parser.add_argument("--part", choices=("all", "study", "budget"), default="all",
+    parser.add_argument("--part", choices=("all", "worker", "budget"), default="all",
                         help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=("naive", "ours"), help=argparse.SUPPRESS)
-    parser.add_argument("--order", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.part == "study":
-        return study(args.kind, args.overrides, [int(u) for u in args.order.split(",")])
+    if args.part == "worker":
+        return worker(args.kind, args.overrides)
     if args.part == "budget":
         return budget_check(args.overrides)
 
@@ -228,16 +256,12 @@ def main() -> None:
     random.Random(0).shuffle(order)
     order = order[:args.study_trials] if args.study_trials else order
     print(f"study: {len(order)} trials, unfrozen in this order: {order}", flush=True)
-    walls = {}
-    for kind in ("naive", "ours"):
-        res = _subprocess(["--part", "study", "--kind", kind, "--order", ",".join(map(str, order)),
-                           *base, f"cache.dir={work}/cache-study"])
-        walls[kind] = res["wall_s"]
-        accs = " ".join(f"{a:.3f}" for a in res["val_acc"])
-        print(f"study {kind:>5}: {res['wall_s']:7.1f} s wall, peak RSS {res['peak_rss_mb']:.0f} MB, "
-              f"val_acc {accs}", flush=True)
-    print(f"study wall time: naive {walls['naive']:.1f} s, ours {walls['ours']:.1f} s, "
-          f"ratio {walls['naive'] / walls['ours']:.1f}x")
+    res = study(order, [*base, f"cache.dir={work}/cache-study"])
+    for kind, r in res.items():
+        accs = " ".join(f"{a:.3f}" for a in r["val_acc"])
+        print(f"study {kind:>5}: {r['wall_s']:7.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, val_acc {accs}")
+    print(f"study wall time: naive {res['naive']['wall_s']:.1f} s, ours {res['ours']['wall_s']:.1f} s, "
+          f"ratio {res['naive']['wall_s'] / res['ours']['wall_s']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -211,10 +211,13 @@ def test_cache_auto_with_random_augmentation_caches_val_and_test_only(make_cfg, 
 def test_a_memory_budget_smaller_than_the_features_is_respected(make_cfg):
     big = run_trial(make_cfg())
     cache.MEMORY.clear()
-    small = run_trial(make_cfg("cache.memory_budget_mb=0.01", "cache.dir=${paths.outputs}/cache2"))
-    assert small["cache_bytes"] > 0.01 * 2**20
-    assert cache.MEMORY.nbytes <= 0.01 * 2**20
-    assert small["cache_mapped_bytes"] > 0
+    # At unfrozen=2 an image's prefix output is 256x2x2 fp16 (2 KiB): train (24 images, 48 KiB)
+    # fits; val and test (24 KiB each) do not fit beside it and must not evict it: mapped.
+    budget = 60 / 1024
+    small = run_trial(make_cfg(f"cache.memory_budget_mb={budget}", "cache.dir=${paths.outputs}/c2"))
+    assert small["cache_bytes"] > budget * 2**20
+    assert 0 < cache.MEMORY.nbytes <= budget * 2**20
+    assert small["cache_mapped_bytes"] == small["cache_bytes"] - cache.MEMORY.nbytes > 0
     assert small["val_acc"] == big["val_acc"] and small["test_acc"] == big["test_acc"]
 
 
