@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.tracking import Run, Tracker, environment_tags
@@ -150,7 +149,3 @@ def summarize(run: Run, study: optuna.Study, names: Sequence[str]) -> list[dict[
     if trials:
         run.text(_csv([_row(t, names) for t in trials]), "trials.csv")
     return rows
-
-
-def tracker_for(cfg: DictConfig) -> Tracker:
-    return Tracker(cfg.tracking)
