@@ -163,9 +163,10 @@ def worker(kind: str, overrides: list[str]) -> None:
         if not line.strip():
             break
         cfg = compose_cfg([*overrides, f"freeze.unfrozen={int(line)}"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = naive_trial(cfg) if kind == "naive" else run_trial(cfg)
-        print(json.dumps({"wall_s": time.perf_counter() - t0, "val_acc": result["val_acc"],
+        print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                          "val_acc": result["val_acc"],
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
               flush=True)
 
@@ -177,7 +178,7 @@ def study(order: list[int], overrides: list[str]) -> dict[str, dict]:
                                      "--kind", kind, *overrides], cwd=ROOT, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True)
              for kind in ("naive", "ours")}
-    out = {kind: {"wall_s": 0.0, "val_acc": [], "peak_rss_mb": 0.0} for kind in procs}
+    out = {kind: {"wall_s": 0.0, "cpu_s": 0.0, "val_acc": [], "peak_rss_mb": 0.0} for kind in procs}
 
     def answer(kind: str) -> dict:
         line = procs[kind].stdout.readline()
@@ -193,6 +194,7 @@ def study(order: list[int], overrides: list[str]) -> dict[str, dict]:
             procs[kind].stdin.flush()
             res = answer(kind)
             out[kind]["wall_s"] += res["wall_s"]
+            out[kind]["cpu_s"] += res["cpu_s"]
             out[kind]["val_acc"].append(res["val_acc"])
             out[kind]["peak_rss_mb"] = res["peak_rss_mb"]
     for proc in procs.values():
@@ -226,6 +228,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
     parser.add_argument("--study-trials", type=int, default=None,
                         help="trials in the study (default: every depth 0..N once)")
+    parser.add_argument("--study-only", action="store_true", help="skip the table and budget check")
     parser.add_argument("--part", choices=("all", "worker", "budget"), default="all",
                         help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=("naive", "ours"), help=argparse.SUPPRESS)
@@ -244,13 +247,20 @@ def main() -> None:
         base.append(f"trainer.epochs={args.epochs}")
     cfg = compose_cfg([*base, f"cache.dir={work}/cache-table"])
     weights.resolve(cfg)  # pretrain the source checkpoint first if needed: not part of any timing
-    depth_table(cfg)
+    if not args.study_only:
+        depth_table(cfg)
+        budget_check_line(base, work)
+    study_lines(cfg, args, base, work)
 
+
+def budget_check_line(base: list[str], work: Path) -> None:
     budget = _subprocess(["--part", "budget", *base, f"cache.dir={work}/cache-budget"])
     print(f"cache budget {budget['budget_mb']:.1f} MB < features {budget['features_mb']:.1f} MB: "
           f"{budget['resident_mb']:.1f} MB kept in RAM, {budget['mapped_mb']:.1f} MB memory-mapped; "
           f"val_acc {budget['val_acc']:.3f}")
 
+
+def study_lines(cfg: DictConfig, args: argparse.Namespace, base: list[str], work: Path) -> None:
     n = int(cfg.backbone.num_units)
     order = list(range(n + 1))
     random.Random(0).shuffle(order)
@@ -259,7 +269,10 @@ def main() -> None:
     res = study(order, [*base, f"cache.dir={work}/cache-study"])
     for kind, r in res.items():
         accs = " ".join(f"{a:.3f}" for a in r["val_acc"])
-        print(f"study {kind:>5}: {r['wall_s']:7.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, val_acc {accs}")
+        print(f"study {kind:>5}: {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU (all threads), "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB, val_acc {accs}")
+    print(f"study CPU time ratio (robust to other load): "
+          f"{res['naive']['cpu_s'] / res['ours']['cpu_s']:.1f}x")
     print(f"study wall time: naive {res['naive']['wall_s']:.1f} s, ours {res['ours']['wall_s']:.1f} s, "
           f"ratio {res['naive']['wall_s'] / res['ours']['wall_s']:.1f}x")
 
