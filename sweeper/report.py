@@ -229,22 +229,21 @@ def _importances(study) -> dict[str, float]:
         return {}
 
 
-def _load_study(parent) -> Any:
-    """The Optuna study behind a parent run, if its storage is reachable."""
+def _load_study(parent, storage: str | None = None) -> Any:
+    """The Optuna study behind a parent run, if its storage is reachable.
+
+    ``storage`` overrides the run's ``optuna.storage`` tag (which hides any password).
+    """
     tags = parent.data.tags
-    name, storage = tags.get("optuna.study_name"), tags.get("optuna.storage")
+    name, storage = tags.get("optuna.study_name"), storage or tags.get("optuna.storage")
     if not name or not storage:
         return None
     try:
         import optuna
 
-        if "://" in storage:
-            return optuna.load_study(study_name=name, storage=storage)
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from sweeper._optuna import open_storage
 
-        return optuna.load_study(study_name=name,
-                                 storage=JournalStorage(JournalFileBackend(storage)))
+        return optuna.load_study(study_name=name, storage=open_storage(storage))
     except Exception as e:  # noqa: BLE001 - importances are optional
         log.info("Optuna study %s not loadable from %s (%s)", name, storage, e)
         return None
@@ -289,8 +288,13 @@ def _markdown(r: Report, plots: list[str], tolerance: float) -> str:
 
 
 def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | None = None,
-                tolerance: float = 1.0, folder: Path | None = None) -> Report:
-    """Build, write and log the report of a study (see the module docstring for the rule)."""
+                tolerance: float = 1.0, folder: Path | None = None, *,
+                optuna_study: Any = None, storage: str | None = None) -> Report:
+    """Build, write and log the report of a study (see the module docstring for the rule).
+
+    ``optuna_study`` (or ``storage`` to load it from) gives parameter importances; without
+    them the storage named on the parent run is tried.
+    """
     tracker = Tracker(cfg.tracking)
     parent = find_parent(tracker, study, parent_run)
     name = parent.data.tags.get("optuna.study_name") or parent.info.run_name
@@ -317,7 +321,8 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
         if len(trials[trials.state == "complete"]) < 3:
             notes.append("Fewer than 3 complete trials: the recommendation rests on little data.")
     recommended, explanation = recommend(table, tolerance)
-    optuna_study = _load_study(parent)
+    if optuna_study is None:
+        optuna_study = _load_study(parent, storage)
     if optuna_study is None:
         notes.append("The Optuna study was not reachable: no parameter importances.")
     elif len(optuna_study.directions) == 1:
@@ -458,7 +463,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.design:
         make_design_report(cfg, str(cfg.design))
     else:
-        show(make_report(cfg, cfg.study, cfg.parent_run, float(cfg.tolerance)))
+        show(make_report(cfg, cfg.study, cfg.parent_run, float(cfg.tolerance),
+                         storage=cfg.storage))
 
 
 if __name__ == "__main__":

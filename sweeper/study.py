@@ -357,7 +357,20 @@ class StudyRunner:
         log.info("study %s: %s. Pareto set (%s) on MLflow run %s:\n%s", self.name,
                  self.progress.line(trials), ", ".join(self.names), self.parent.run_id,
                  _table(rows, self.names))
+        if complete:
+            self._report()
         return result
+
+    def _report(self) -> None:
+        """The study's report (table, plots, recommendation), as ``python -m sweeper.report``
+        would make it; a report that cannot be made does not fail the finished study."""
+        from sweeper.report import make_report, show
+
+        try:
+            show(make_report(self.cfg, parent_run=self.parent.run_id, optuna_study=self.study))
+        except Exception as e:  # noqa: BLE001 - the study's results are already recorded
+            log.warning("No report for study %s (%s); try: python -m sweeper.report "
+                        "parent_run=%s", self.name, e, self.parent.run_id)
 
 
 def _describe_target(node: DictConfig | None) -> str:

@@ -94,6 +94,13 @@ def test_six_trial_study(cli, outputs, mlflow_client):
     assert pareto[0].startswith("trial,state,val_acc,train_time_s")
     assert len(pareto) == 1 + len(study.best_trials)
     check_consistent(study, mlflow_client)
+    # the report is made at the end of every study, and the terminal shows its recommendation
+    report = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/pareto.png", "report/depth.png",
+            "report/importance.png"} <= report
+    assert "Recommendation:" in r.stdout
+    study_dir = outputs / "studies" / study.study_name / "report"
+    assert "## Recommendation" in (study_dir / "report.md").read_text()
 
 
 def test_resume_counts_the_study_total(cli, outputs, mlflow_client):
