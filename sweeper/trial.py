@@ -63,7 +63,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     stop the trial, which ends the run KILLED and tagged ``state=pruned``; any other exception
     ends it FAILED with the reason in tag ``error``.
     """
-    check_backbone(cfg.backbone, cfg.freeze.unfrozen)
+    check_backbone(cfg.backbone, cfg.freeze.unfrozen, cfg.freeze.get("transferred"))
     device = resolve_device(str(cfg.trainer.device))
     overrides, hydra_dir = _hydra_context()
     unfrozen = int(cfg.freeze.unfrozen)
@@ -79,7 +79,8 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
         if origin.startswith("source:") and (src_run := source_run_id(origin[len("source:"):])):
             run.tags({"pretrain_run_id": src_run})
         torch.manual_seed(int(cfg.trainer.seed))  # same head init whatever pretraining consumed
-        model, _ = build(cfg.backbone, len(data.classes), unfrozen, state, origin)
+        model, _ = build(cfg.backbone, len(data.classes), unfrozen, state, origin,
+                         transferred=cfg.freeze.get("transferred"))
         model.to(device)
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
