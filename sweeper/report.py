@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import shlex
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,21 +135,24 @@ def recommend(table: pd.DataFrame, tolerance: float) -> tuple[dict | None, str]:
     close = done[done.best_val_acc >= best - tolerance / 100]
     pick = close.loc[close.train_time_s.idxmin()].to_dict()
     best_row = done.loc[done.best_val_acc.idxmax()]
-    text = (
-        f"Unfreeze the last {int(pick['unfrozen'])} units "
-        f"(lr_head={pick['lr_head']:.3g}"
-        + (f", lr_backbone={pick['lr_backbone']:.3g}" if pick["unfrozen"] > 0 else "")
-        + f"). The most accurate depth measured was unfrozen={int(best_row.unfrozen)} with "
-        f"{best:.1%} validation accuracy; unfrozen={int(pick['unfrozen'])} reaches "
-        f"{pick['best_val_acc']:.1%}, within the tolerance of {tolerance:g} points, and trains "
-        f"in {pick['train_time_s']:.1f} s"
-    )
-    if best_row.unfrozen != pick["unfrozen"]:
-        text += f" instead of {best_row.train_time_s:.1f} s"
+    depth = int(pick["unfrozen"])
+    lrs = f"lr_head={pick['lr_head']:.3g}" + (
+        f", lr_backbone={pick['lr_backbone']:.3g}" if depth > 0 else "")
+    text = f"Unfreeze the last {depth} units ({lrs}). "
+    if int(best_row.unfrozen) == depth:
+        text += (f"It was the most accurate depth measured ({best:.1%} validation accuracy) and "
+                 f"no faster depth came within {tolerance:g} accuracy points of it; it trains "
+                 f"in {pick['train_time_s']:.1f} s")
+    else:
+        text += (f"The most accurate depth measured was unfrozen={int(best_row.unfrozen)} with "
+                 f"{best:.1%} validation accuracy in {best_row.train_time_s:.1f} s; "
+                 f"unfrozen={depth} reaches {pick['best_val_acc']:.1%}, within {tolerance:g} "
+                 f"accuracy points of it, in {pick['train_time_s']:.1f} s")
     if not math.isnan(pick.get("speedup_vs_full", math.nan)):
         text += f" ({pick['speedup_vs_full']:.1f}x faster than fine-tuning every unit)"
-    text += (". Among the depths whose accuracy is that close to the best, it is the fastest: "
-             "training more units would cost time without a measurable gain on this data.")
+    text += (". The rule picks the fastest depth whose accuracy is that close to the best: "
+             "unfreezing more units would cost training time without a measurable gain on "
+             "this data, unfreezing fewer would cost accuracy.")
     return pick, text
 
 
@@ -206,7 +211,7 @@ def _plots(trials: pd.DataFrame, folder: Path, study=None) -> list[str]:
             fig, ax = plt.subplots(figsize=(6, 3))
             names = list(importances)[::-1]
             ax.barh(names, [importances[n] for n in names])
-            ax.set(xlabel="importance for validation accuracy (fANOVA)",
+            ax.set(xlabel="importance for validation accuracy (Optuna's default evaluator)",
                    title="Hyperparameter importances")
             fig.tight_layout()
             fig.savefig(folder / "importance.png", dpi=120)
@@ -222,8 +227,13 @@ def _importances(study) -> dict[str, float]:
     if len(complete) < 3:
         return {}
     try:
-        target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
-        return optuna.importance.get_param_importances(study, target=target)
+        # Optuna's default evaluator (PED-ANOVA) ranks what drives the target *low*: negate a
+        # maximised first objective (validation accuracy).
+        sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        with warnings.catch_warnings():  # its reminder to do exactly that
+            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
+            return optuna.importance.get_param_importances(
+                study, target=lambda t: sign * t.values[0])
     except (ValueError, RuntimeError) as e:
         log.info("No parameter importances: %s", e)
         return {}
@@ -345,7 +355,8 @@ def show(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Off a terminal (logs, CI) rich assumes 80 columns and would cut the table's headers.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     table = Table(title=f"Study {report.study}: one row per freeze depth")
     cols = [("unfrozen", "d"), ("best_val_acc", ".3f"), ("test_acc", ".3f"), ("lr_head", ".3g"),
             ("lr_backbone", ".3g"), ("train_time_s", ".2f"), ("speedup_vs_full", ".2f"),
