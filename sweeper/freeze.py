@@ -13,7 +13,7 @@ not give on its own:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -76,6 +76,21 @@ class FreezeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_trainable(self.forward_frozen(x))
+
+    def adapt_batchnorm(self, batches: Iterable[torch.Tensor]) -> int:
+        """Re-estimate the frozen units' BatchNorm statistics on ``batches`` (AdaBN).
+
+        The running mean and variance of every BatchNorm layer in the frozen prefix become the
+        population statistics of the prefix's activations on ``batches`` (torch's
+        ``update_bn``: cumulative average, no gradients); the prefix then stays frozen with
+        them. Nothing else changes. Returns how many BatchNorm layers were re-estimated.
+        """
+        prefix = nn.Sequential(*self.frozen_units())
+        found = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in prefix.modules())
+        if found:
+            torch.optim.swa_utils.update_bn(batches, prefix)
+        self.train(self.training)  # frozen units back to eval mode
+        return found
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Trainable parameters of the unfrozen backbone units (not the head)."""

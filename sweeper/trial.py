@@ -7,6 +7,7 @@ import os
 import random
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import cache, weights
 from sweeper import data as data_mod
+from sweeper.errors import UserError
+from sweeper.freeze import FreezeNet
 from sweeper.model import build, check_backbone
 from sweeper.pretrain import source_run_id
 from sweeper.tracking import Run, Tracker, config_params, environment_tags
@@ -64,6 +67,9 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     ends it FAILED with the reason in tag ``error``.
     """
     check_backbone(cfg.backbone, cfg.freeze.unfrozen, cfg.freeze.get("transferred"))
+    if (bn_stats := cfg.freeze.get("bn_stats", "source")) not in BN_STATS:
+        raise UserError(f"freeze.bn_stats={bn_stats}: use source (the pretrained statistics) or "
+                        "target (re-estimated on this dataset's training images).")
     device = resolve_device(str(cfg.trainer.device))
     overrides, hydra_dir = _hydra_context()
     unfrozen = int(cfg.freeze.unfrozen)
@@ -86,6 +92,10 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
             model.to(memory_format=torch.channels_last)
         trainable, frozen = model.count_parameters()
         run.metrics({"trainable_params": trainable, "frozen_params": frozen})
+        bn_s = adapt_batchnorm(model, data, bn_stats, device,
+                               int(cfg.trainer.batch_size))
+        if bn_s is not None:
+            run.metrics({"bn_stats_time_s": bn_s})
         # Frozen-prefix outputs computed once (or found) here; fit charges their recorded cost.
         feeds = cache.feeds(model, data, cfg.get("cache"), data_mod.augment(cfg.get("augment")),
                             device, bool(cfg.trainer.amp))
@@ -107,7 +117,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
             "val_acc": result.val_acc,
             "best_val_acc": result.best_val_acc,
             "test_acc": test_acc,
-            "train_time_s": result.train_time_s,
+            "train_time_s": result.train_time_s + (bn_s or 0.0),
             "eval_time_s": result.eval_time_s,
             "time_per_epoch_s": result.train_time_s / len(result.epochs),
             "images_per_s": len(data.train) * len(result.epochs) / result.train_time_s,
@@ -130,6 +140,29 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
              final["val_acc"], final["test_acc"], final["train_time_s"], run.run_id)
     return {**final, **cache_metrics, "trainable_params": trainable, "frozen_params": frozen,
             "run_id": run.run_id}
+
+
+BN_STATS = ("source", "target")
+
+
+def adapt_batchnorm(model: FreezeNet, data: data_mod.Data, bn_stats: str, device: torch.device,
+                    batch_size: int) -> float | None:
+    """``freeze.bn_stats=target``: re-estimate the frozen BatchNorm statistics on the training
+    images (un-augmented) before anything is cached; returns the seconds it took (part of the
+    trial's training time), or None when nothing was done."""
+    if bn_stats == "source" or model.cut == 0:
+        return None
+    normalize = data.normalize.to(device)
+    images = data.train.images
+    t0 = time.perf_counter()
+    found = model.adapt_batchnorm(normalize(images[i:i + batch_size].to(device))
+                                  for i in range(0, len(images), batch_size))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    spent = time.perf_counter() - t0
+    log.info("freeze.bn_stats=target: %d frozen BatchNorm layers re-estimated on %d training "
+             "images (%.2fs)", found, len(images), spent)
+    return spent
 
 
 def _log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path | None) -> None:

@@ -235,3 +235,16 @@ def test_the_time_objective_does_not_depend_on_a_cold_or_warm_cache(make_cfg, ml
     metrics = mlflow_client.get_run(warm["run_id"]).data.metrics
     for name in ("cache_hits", "cache_fill_time_s", "cache_fill_charged_s", "cache_bytes"):
         assert name in metrics, name
+
+
+def test_target_bn_stats_get_their_own_entries_and_reuse_them(make_cfg, mlflow_client):
+    source = run_trial(make_cfg("freeze.unfrozen=0"))
+    target = run_trial(make_cfg("freeze.unfrozen=0", "freeze.bn_stats=target"))
+    again = run_trial(make_cfg("freeze.unfrozen=0", "freeze.bn_stats=target"))
+    # Features of the re-estimated prefix are never served from the source prefix's entries;
+    # the re-estimation is deterministic, so the next trial finds its own.
+    assert source["cache_hits"] == 0 and target["cache_hits"] == 0 and again["cache_hits"] == 3
+    assert again["val_acc"] == target["val_acc"]
+    metrics = mlflow_client.get_run(target["run_id"]).data.metrics
+    assert metrics["bn_stats_time_s"] > 0
+    assert metrics["train_time_s"] >= metrics["bn_stats_time_s"]

@@ -71,7 +71,8 @@ def test_download_attempted_offline(cli, tmp_path, mlflow_client):
     _failed_run(mlflow_client, "Could not download")
 
 
-@pytest.mark.parametrize("override", ["optim.schedule=linear", "trainer.device=cuda:3"])
+@pytest.mark.parametrize("override", ["optim.schedule=linear", "trainer.device=cuda:3",
+                                      "freeze.bn_stats=batch"])
 def test_bad_values(cli, override):
     if override.startswith("trainer.device") and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

@@ -120,3 +120,18 @@ def test_units_compute_the_torchvision_forward(name):
     head.load_state_dict(classifier.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), tv_model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_target_bn_stats_are_the_frozen_prefix_statistics_on_the_given_images():
+    torch.manual_seed(0)
+    model, tv = build(_backbone("resnet18", 9), 3, unfrozen=2, state=None)
+    trainable_before = {k: v.clone() for k, v in model.units[-2].state_dict().items()}
+    x = torch.randn(48, 3, 32, 32) * 2 + 1  # far from the initial statistics (0, 1)
+    found = model.adapt_batchnorm(x[i:i + 16] for i in range(0, 48, 16))
+    assert found == 15  # stem 1, layer1 4, layer2 5, layer3 5: the frozen prefix's BatchNorms
+    with torch.no_grad():
+        expected = tv.conv1(x).mean(dim=(0, 2, 3))  # equal batches: mean of batch means
+    torch.testing.assert_close(tv.bn1.running_mean, expected, rtol=1e-4, atol=1e-5)
+    for k, v in model.units[-2].state_dict().items():  # a trainable unit: untouched
+        assert torch.equal(v, trainable_before[k]), k
+    assert model.training and all(not m.training for u in model.frozen_units() for m in u.modules())
