@@ -1,18 +1,25 @@
 """Naive freezing against this project's trial path, side by side, on the default trial.
 
-    .venv/bin/python -m benchmarks.freeze_speed [--epochs N] [--study-trials N] [OVERRIDE ...]
+    .venv/bin/python -m benchmarks.freeze_speed [--epochs N] [--seeds N] [--study default|every-depth|none]
+                                                [--naive-data loader|tensors] [--naive-fused] [OVERRIDE ...]
 
-naive: the usual PyTorch recipe -- ``requires_grad=False`` on the frozen units, the whole model
-in train mode, a full forward every step, an optimizer over the trainable parameters.
-ours:  ``sweeper.train.fit`` fed by the frozen-prefix cache (``sweeper.cache``).
+naive: the usual PyTorch recipe -- a ``DataLoader`` over a dataset that transforms one image
+at a time, ``requires_grad=False`` on the frozen units, the whole model in train mode, a full
+forward every step, torch's default optimizer implementation over the trainable parameters.
+ours:  ``sweeper.train.fit`` fed by the frozen-prefix cache (``sweeper.cache``), with the
+batched data path and the fused optimizer step of ``conf/optim``.
 
-Same data, epochs, batch size, seeds and optimizer. Prints, per depth unfrozen in {N, N//2,
-2, 0} (N = freeze units), the median epoch time of each, their ratio and both validation
-accuracies; then a cache-budget check and, last, the wall time of the same small study (every
-depth once, in a fixed shuffled order) both ways, each study in a fresh process with a cold
-cache. Naive and ours alternate (epoch by epoch in the table, trial by trial in the study), so
-a machine shared with other work slows both alike: the ratios are what to compare. OVERRIDEs
-are Hydra overrides of conf/config.yaml (e.g. ``backbone=resnet50``). Not a test.
+Same images, epochs, batch size, seeds, optimizer and hyperparameters. Prints, per depth
+unfrozen in {N, N//2, 2, 0} (N = freeze units), the median epoch time of each, their ratio and
+the validation accuracies (mean over ``--seeds``; also ours with ``freeze.bn_stats=target``);
+then a cache-budget check and, last, the wall time of the same study both ways: by default the
+trials of ``python -m sweeper.run -m`` (its sampler, told ours' results; naive replays the same
+trials), or every depth once; each study in a fresh process with a cold cache. Naive and ours
+alternate (epoch by epoch in the table, trial by trial in the study), so a machine shared with
+other work slows both alike: the ratios are what to compare. ``--naive-data tensors`` and
+``--naive-fused`` give naive this project's data path and optimizer step, leaving the cache as
+the only difference. OVERRIDEs are Hydra overrides of conf/config.yaml (e.g.
+``backbone=resnet50``). Not a test.
 """
 
 from __future__ import annotations
@@ -30,18 +37,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from sweeper import cache, weights
 from sweeper import data as data_mod
+from sweeper._job import settings_in
+from sweeper._optuna import make_sampler
+from sweeper._space import parse
 from sweeper.freeze import FreezeNet
 from sweeper.model import build
 from sweeper.tracking import Tracker
 from sweeper.train import fit, make_optimizer, resolve_device
-from sweeper.trial import _log_inputs, run_trial, seed_everything
+from sweeper.trial import _log_inputs, adapt_batchnorm, run_trial, seed_everything
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,42 +66,92 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
 
 # --- naive ---------------------------------------------------------------------------------
 
-def naive_epochs(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device):
+class UsualDataset(torch.utils.data.Dataset):
+    """What a torchvision dataset hands a ``DataLoader``: one image at a time, transformed per
+    sample (to float, grey to 3 channels, normalised). The images are the trial's own (already
+    resized), so both recipes see the same pixels."""
+
+    def __init__(self, split: data_mod.Split, normalize: data_mod.Normalize) -> None:
+        self.split = split
+        steps: list = [v2.ToDtype(torch.float32, scale=True)]
+        mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
+        if split.images.shape[1] == 1:
+            steps.append(v2.Grayscale(num_output_channels=3))
+            mean, std = mean * 3 if len(mean) == 1 else mean, std * 3 if len(std) == 1 else std
+        self.transform = v2.Compose([*steps, v2.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.split.images[i]), int(self.split.labels[i])
+
+
+def naive_batches(split: data_mod.Split, normalize: data_mod.Normalize, bs: int, device,
+                  data_path: str, gen: torch.Generator | None = None):
+    """Batches of (normalised images, labels): shuffled with ``gen``, else in order.
+
+    ``loader``: a ``DataLoader`` over :class:`UsualDataset` (the usual recipe; no worker
+    processes, which on 2 cores would only compete with the model for the CPU).
+    ``tensors``: this project's batched path (index the uint8 tensor, normalise the batch).
+    """
+    n = len(split)
+    drop_last = gen is not None and n % bs == 1 and n > 1  # as sweeper.train: no batch of one
+    if data_path == "loader":
+        loader = DataLoader(UsualDataset(split, normalize), batch_size=bs, shuffle=gen is not None,
+                            generator=gen, drop_last=drop_last)
+        for x, y in loader:
+            yield x.to(device), y.to(device)
+        return
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    order = order[:n - 1] if drop_last else order
+    norm = normalize.to(device)
+    for start in range(0, len(order), bs):
+        idx = order[start:start + bs]
+        yield norm(split.images[idx].to(device)), split.labels[idx].to(device)
+
+
+def naive_optimizer(net: FreezeNet, cfg: DictConfig, steps: int, fused: bool):
+    """The same optimizer, hyperparameters and schedule over the trainable parameters; in
+    torch's default implementation unless ``fused`` (the usual recipe never asks for it)."""
+    optim = OmegaConf.merge(cfg.optim, {"optimizer": {"fused": True if fused else None}})
+    return make_optimizer(net, optim, steps)
+
+
+def naive_epochs(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device,
+                 opts: argparse.Namespace):
     """The usual recipe, one epoch per ``next()``: yields (training time s, val accuracy)."""
     model = nn.Sequential(*net.units, net.head).to(device)  # plain train(): frozen BN moves too
     bs, n = int(cfg.trainer.batch_size), len(data.train)
     n_used = n - 1 if n % bs == 1 and n > 1 else n
-    opt, sched = make_optimizer(net, cfg.optim, math.ceil(n_used / bs) * int(cfg.trainer.epochs))
-    normalize = data.normalize.to(device)
+    opt, sched = naive_optimizer(net, cfg, math.ceil(n_used / bs) * int(cfg.trainer.epochs),
+                                 opts.naive_fused)
     gen = torch.Generator().manual_seed(int(cfg.trainer.seed))
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(int(cfg.trainer.epochs)):
         model.train()
         t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen)[:n_used]
-        for start in range(0, n_used, bs):
-            idx = order[start:start + bs]
-            x, y = data.train.images[idx].to(device), data.train.labels[idx].to(device)
-            loss = loss_fn(model(normalize(x)), y)
+        for x, y in naive_batches(data.train, data.normalize, bs, device, opts.naive_data, gen):
+            loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         elapsed = time.perf_counter() - t0
-        yield elapsed, naive_accuracy(model, data.val, normalize, device, bs * 4)
+        yield elapsed, naive_accuracy(model, data.val, data.normalize, device, bs * 4, opts)
 
 
 @torch.no_grad()
-def naive_accuracy(model: nn.Module, split: data_mod.Split, normalize, device, bs: int) -> float:
+def naive_accuracy(model: nn.Module, split: data_mod.Split, normalize, device, bs: int,
+                   opts: argparse.Namespace) -> float:
     model.eval()
     correct = 0
-    for start in range(0, len(split), bs):
-        x = split.images[start:start + bs].to(device)
-        correct += int((model(normalize(x)).argmax(1) == split.labels[start:start + bs].to(device)).sum())
+    for x, y in naive_batches(split, normalize, bs, device, opts.naive_data):
+        correct += int((model(x).argmax(1) == y).sum())
     return correct / len(split)
 
 
-def naive_trial(cfg: DictConfig) -> dict:
+def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
     """``run_trial``'s steps (data, weights, model, MLflow run) with the naive training recipe."""
     device = resolve_device(str(cfg.trainer.device))
     run = Tracker(cfg.tracking).start(f"naive-unfrozen{cfg.freeze.unfrozen}",
@@ -100,12 +163,12 @@ def naive_trial(cfg: DictConfig) -> dict:
     torch.manual_seed(int(cfg.trainer.seed))
     net, _ = build(cfg.backbone, len(data.classes), int(cfg.freeze.unfrozen), state, origin)
     times, val_acc = [], 0.0
-    for epoch, (t, val_acc) in enumerate(naive_epochs(net, data, cfg, device), 1):
+    for epoch, (t, val_acc) in enumerate(naive_epochs(net, data, cfg, device, opts), 1):
         times.append(t)
         run.metrics({"epoch_time_s": t, "val_acc": val_acc}, step=epoch)
     model = nn.Sequential(*net.units, net.head)
-    test_acc = naive_accuracy(model, data.test, data.normalize.to(device), device,
-                              int(cfg.trainer.batch_size) * 4)
+    test_acc = naive_accuracy(model, data.test, data.normalize, device,
+                              int(cfg.trainer.batch_size) * 4, opts)
     run.metrics({"val_acc": val_acc, "test_acc": test_acc, "train_time_s": sum(times),
                  "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     run.end()
@@ -113,6 +176,16 @@ def naive_trial(cfg: DictConfig) -> dict:
 
 
 # --- ours ----------------------------------------------------------------------------------
+
+def ours_net(cfg: DictConfig, data: data_mod.Data, state, origin: str, unfrozen: int,
+             device: torch.device, bn_stats: str = "source") -> tuple[FreezeNet, float]:
+    """The trial's model (same seed, so the same head as naive's), and the seconds spent
+    re-estimating its frozen BatchNorm statistics (``bn_stats=target``; else 0)."""
+    torch.manual_seed(int(cfg.trainer.seed))
+    net = build(cfg.backbone, len(data.classes), unfrozen, state, origin)[0].to(device)
+    spent = adapt_batchnorm(net, data, bn_stats, device, int(cfg.trainer.batch_size))
+    return net, spent or 0.0
+
 
 def ours_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device, on_epoch):
     feeds = cache.feeds(net, data, cfg.cache, data_mod.augment(cfg.get("augment")), device,
@@ -123,84 +196,150 @@ def ours_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch
 
 # --- the parts -----------------------------------------------------------------------------
 
-def depth_table(cfg: DictConfig) -> None:
+def depth_table(cfg: DictConfig, opts: argparse.Namespace) -> None:
     device = resolve_device(str(cfg.trainer.device))
-    seed_everything(cfg.trainer)
-    data = data_mod.load(cfg.dataset)
-    state, origin = weights.resolve(cfg)
     n = int(cfg.backbone.num_units)
+    seeds = [int(cfg.trainer.seed) + i for i in range(opts.seeds)]
+    loaded = {}
+    for seed in seeds:
+        c = compose_cfg(opts.base + [f"trainer.seed={seed}", f"cache.dir={opts.work}/cache-table"])
+        seed_everything(c.trainer)
+        loaded[seed] = (c, data_mod.load(c.dataset), *weights.resolve(c))
+    c, data, _, _ = loaded[seeds[0]]
     print(f"{cfg.backbone.name}, {n} freeze units, {cfg.dataset.name} {cfg.dataset.image_size}px, "
           f"{len(data.train)} train / {len(data.val)} val images, {cfg.trainer.epochs} epochs, "
           f"batch {cfg.trainer.batch_size}, {device.type} x{torch.get_num_threads()} threads, "
-          f"cache dtype {cfg.cache.dtype}")
+          f"cache dtype {cfg.cache.dtype}; seeds {seeds}")
+    print(f"naive: data {opts.naive_data}, optimizer {'fused' if opts.naive_fused else 'torch default'}; "
+          f"ours: cache, batched data, fused optimizer")
     head = (f"{'unfrozen':>8} {'frozen':>6} | {'naive s/ep':>10} {'ours s/ep':>9} {'ratio':>7} | "
-            f"{'naive val':>9} {'ours val':>8} | {'fill s (once)':>13}")
+            f"{'naive val':>9} {'ours val':>8} {'ours+bn':>8} | {'fill s (once)':>13}")
     print(head)
     print("-" * len(head))
     for unfrozen in (n, n // 2, 2, 0):
-        nets = []
-        for _ in range(2):  # identical initial weights and head for both
-            torch.manual_seed(int(cfg.trainer.seed))
-            nets.append(build(cfg.backbone, len(data.classes), unfrozen, state, origin)[0].to(device))
-        # Lockstep: one naive epoch after each of ours, so both see the same machine load.
-        naive = naive_epochs(nets[0], data, cfg, device)
-        naive_runs = []
-        times, acc, feeds = ours_fit(nets[1], data, cfg, device,
-                                     on_epoch=lambda _s, g=naive, r=naive_runs: r.append(next(g)))
-        naive_times = [t for t, _ in naive_runs]
-        ratio = statistics.median(tn / to for tn, to in zip(naive_times, times, strict=True))
+        naive_times, ours_times, ratios, accs = [], [], [], {"naive": [], "ours": [], "ours+bn": []}
+        fill = 0.0
+        for seed in seeds:
+            c, data, state, origin = loaded[seed]
+            net_naive = ours_net(c, data, state, origin, unfrozen, device)[0]
+            net_ours = ours_net(c, data, state, origin, unfrozen, device)[0]
+            # Lockstep: one naive epoch after each of ours, so both see the same machine load.
+            naive = naive_epochs(net_naive, data, c, device, opts)
+            naive_runs = []
+            times, acc, feeds = ours_fit(net_ours, data, c, device,
+                                         on_epoch=lambda _s, g=naive, r=naive_runs: r.append(next(g)))
+            naive_times += [t for t, _ in naive_runs]
+            ours_times += times
+            ratios += [tn / to for (tn, _), to in zip(naive_runs, times, strict=True)]
+            accs["naive"].append(naive_runs[-1][1])
+            accs["ours"].append(acc)
+            fill = feeds.train.fill_time_s
+            # Accuracy only: the same trial with freeze.bn_stats=target (AdaBN)
+            net_bn, _ = ours_net(c, data, state, origin, unfrozen, device, "target")
+            accs["ours+bn"].append(ours_fit(net_bn, data, c, device, on_epoch=None)[1])
+        mean = {k: statistics.fmean(v) for k, v in accs.items()}
         print(f"{unfrozen:>8} {n - unfrozen:>6} | {statistics.median(naive_times):>10.3f} "
-              f"{statistics.median(times):>9.4f} {ratio:>6.1f}x | {naive_runs[-1][1]:>9.3f} {acc:>8.3f} | "
-              f"{feeds.train.fill_time_s:>13.2f}", flush=True)
-    print("ratio: median over epochs of naive epoch time / ours (epochs run alternately)")
+              f"{statistics.median(ours_times):>9.4f} {statistics.median(ratios):>6.1f}x | "
+              f"{mean['naive']:>9.3f} {mean['ours']:>8.3f} {mean['ours+bn']:>8.3f} | {fill:>13.2f}",
+              flush=True)
+    print("ratio: median over epochs of naive epoch time / ours (epochs run alternately); "
+          f"val: mean over {len(seeds)} seed(s); ours+bn: ours with freeze.bn_stats=target")
 
 
-def worker(kind: str, overrides: list[str]) -> None:
-    """Run one trial per ``unfrozen`` read from stdin; answer each with a JSON line."""
+def worker(kind: str, overrides: list[str], opts: argparse.Namespace) -> None:
+    """Run one trial per JSON list of overrides read from stdin; answer each with a JSON line."""
     logging.getLogger().setLevel(logging.WARNING)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():
             break
-        cfg = compose_cfg([*overrides, f"freeze.unfrozen={int(line)}"])
+        cfg = compose_cfg([*overrides, *json.loads(line)])
         t0, c0 = time.perf_counter(), time.process_time()
-        result = naive_trial(cfg) if kind == "naive" else run_trial(cfg)
+        result = naive_trial(cfg, opts) if kind == "naive" else run_trial(cfg)
         print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-                          "val_acc": result["val_acc"],
+                          "val_acc": result["val_acc"], "train_time_s": result["train_time_s"],
+                          "test_acc": result["test_acc"],
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
               flush=True)
 
 
-def study(order: list[int], overrides: list[str]) -> dict[str, dict]:
-    """The same trials in the same order, naive and ours, each study in its own fresh process;
-    trials alternate between the two processes so that both see the same machine load."""
-    procs = {kind: subprocess.Popen([sys.executable, "-m", "benchmarks.freeze_speed", "--part", "worker",
-                                     "--kind", kind, *overrides], cwd=ROOT, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
-             for kind in ("naive", "ours")}
-    out = {kind: {"wall_s": 0.0, "cpu_s": 0.0, "val_acc": [], "peak_rss_mb": 0.0} for kind in procs}
+class Workers:
+    """A naive and an ours process, each a fresh interpreter with a cold cache, that run the
+    trials they are sent; trials alternate between the two so both see the same machine load."""
 
-    def answer(kind: str) -> dict:
-        line = procs[kind].stdout.readline()
+    def __init__(self, overrides: list[str], opts: argparse.Namespace) -> None:
+        flags = [f"--naive-data={opts.naive_data}", *(["--naive-fused"] if opts.naive_fused else [])]
+        self.procs = {kind: subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.freeze_speed", "--part", "worker", "--kind", kind,
+             *flags, *overrides], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for kind in ("naive", "ours")}
+        self.out = {kind: {"wall_s": 0.0, "cpu_s": 0.0, "val_acc": [], "peak_rss_mb": 0.0}
+                    for kind in self.procs}
+        for kind in self.procs:
+            self._answer(kind)  # imported and ready
+        self.count = 0
+
+    def _answer(self, kind: str) -> dict:
+        line = self.procs[kind].stdout.readline()
         if not line:
-            sys.exit(f"benchmark {kind} worker died (exit {procs[kind].wait()})")
+            sys.exit(f"benchmark {kind} worker died (exit {self.procs[kind].wait()})")
         return json.loads(line)
 
-    for kind in procs:
-        answer(kind)  # imported and ready
-    for i, unfrozen in enumerate(order):
-        for kind in (("naive", "ours") if i % 2 == 0 else ("ours", "naive")):
-            procs[kind].stdin.write(f"{unfrozen}\n")
-            procs[kind].stdin.flush()
-            res = answer(kind)
-            out[kind]["wall_s"] += res["wall_s"]
-            out[kind]["cpu_s"] += res["cpu_s"]
-            out[kind]["val_acc"].append(res["val_acc"])
-            out[kind]["peak_rss_mb"] = res["peak_rss_mb"]
-    for proc in procs.values():
-        proc.stdin.close()
-        proc.wait()
-    return out
+    def trial(self, overrides: list[str]) -> dict[str, dict]:
+        results = {}
+        kinds = ("naive", "ours") if self.count % 2 == 0 else ("ours", "naive")
+        self.count += 1
+        for kind in kinds:
+            self.procs[kind].stdin.write(json.dumps(overrides) + "\n")
+            self.procs[kind].stdin.flush()
+            res = results[kind] = self._answer(kind)
+            self.out[kind]["wall_s"] += res["wall_s"]
+            self.out[kind]["cpu_s"] += res["cpu_s"]
+            self.out[kind]["val_acc"].append(res["val_acc"])
+            self.out[kind]["peak_rss_mb"] = res["peak_rss_mb"]
+        print(f"  trial {self.count - 1:>2}: naive {results['naive']['wall_s']:6.1f} s, "
+              f"ours {results['ours']['wall_s']:6.1f} s, val {results['naive']['val_acc']:.3f} / "
+              f"{results['ours']['val_acc']:.3f}  {' '.join(overrides)}", flush=True)
+        return results
+
+    def close(self) -> dict[str, dict]:
+        for proc in self.procs.values():
+            proc.stdin.close()
+            proc.wait()
+        return self.out
+
+
+def default_study(workers: Workers, base: list[str], n_trials: int | None) -> list[list[str]]:
+    """The study ``python -m sweeper.run -m`` runs (its search space, conditions, sampler and
+    objectives from conf/hydra/sweeper), asked and told here; ours' results are told to the
+    sampler and naive runs the very same trials. Returns the trials' overrides."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        full = compose("config", overrides=base, return_hydra_config=True)
+    task = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    settings = settings_in(task, full.hydra.sweeper)
+    OmegaConf.resolve(settings)
+    space = parse(settings.params, settings.get("conditions") or {})
+    objectives = {str(k): str(v) for k, v in settings.objectives.items()}
+    study = optuna.create_study(directions=list(objectives.values()),
+                                sampler=make_sampler(settings.get("sampler")))
+    trials = []
+    for _ in range(n_trials or int(settings.n_trials)):
+        trial = study.ask()
+        overrides = space.suggest(trial, lambda key: OmegaConf.select(task, key))
+        trials.append(overrides)
+        ours = workers.trial(overrides)["ours"]
+        study.tell(trial, [ours[name] for name in objectives])
+    return trials
+
+
+def every_depth(workers: Workers, n_units: int, n_trials: int | None) -> list[list[str]]:
+    """Every depth 0..N once, in a fixed shuffled order, the config's learning rates."""
+    order = list(range(n_units + 1))
+    random.Random(0).shuffle(order)
+    trials = [[f"freeze.unfrozen={u}"] for u in order[:n_trials or len(order)]]
+    for overrides in trials:
+        workers.trial(overrides)
+    return trials
 
 
 def budget_check(overrides: list[str]) -> None:
@@ -226,9 +365,19 @@ def _subprocess(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds per depth in the table (accuracies are their mean)")
+    parser.add_argument("--study", choices=("default", "every-depth", "none"), default="default",
+                        help="default: the trials of `python -m sweeper.run -m`'s study; "
+                             "every-depth: unfrozen 0..N once each; none: skip the study")
     parser.add_argument("--study-trials", type=int, default=None,
-                        help="trials in the study (default: every depth 0..N once)")
+                        help="trials in the study (default: the study's n_trials, or N+1)")
     parser.add_argument("--study-only", action="store_true", help="skip the table and budget check")
+    parser.add_argument("--naive-data", choices=("loader", "tensors"), default="loader",
+                        help="loader: DataLoader with per-sample transforms (the usual recipe); "
+                             "tensors: this project's batched data path")
+    parser.add_argument("--naive-fused", action="store_true",
+                        help="give naive the fused optimizer step too")
     parser.add_argument("--part", choices=("all", "worker", "budget"), default="all",
                         help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=("naive", "ours"), help=argparse.SUPPRESS)
@@ -236,21 +385,22 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.part == "worker":
-        return worker(args.kind, args.overrides)
+        return worker(args.kind, args.overrides, args)
     if args.part == "budget":
         return budget_check(args.overrides)
 
-    work = Path(tempfile.mkdtemp(prefix="freeze_speed-", dir=ROOT / "outputs"))
-    base = [*args.overrides, f"tracking.uri=sqlite:///{work}/mlflow.db",
-            f"tracking.artifact_location={work}/mlartifacts"]
+    args.work = work = Path(tempfile.mkdtemp(prefix="freeze_speed-", dir=ROOT / "outputs"))
+    args.base = base = [*args.overrides, f"tracking.uri=sqlite:///{work}/mlflow.db",
+                        f"tracking.artifact_location={work}/mlartifacts"]
     if args.epochs:
         base.append(f"trainer.epochs={args.epochs}")
     cfg = compose_cfg([*base, f"cache.dir={work}/cache-table"])
     weights.resolve(cfg)  # pretrain the source checkpoint first if needed: not part of any timing
     if not args.study_only:
-        depth_table(cfg)
+        depth_table(cfg, args)
         budget_check_line(base, work)
-    study_lines(cfg, args, base, work)
+    if args.study != "none":
+        study_lines(cfg, args, base, work)
 
 
 def budget_check_line(base: list[str], work: Path) -> None:
@@ -261,16 +411,21 @@ def budget_check_line(base: list[str], work: Path) -> None:
 
 
 def study_lines(cfg: DictConfig, args: argparse.Namespace, base: list[str], work: Path) -> None:
-    n = int(cfg.backbone.num_units)
-    order = list(range(n + 1))
-    random.Random(0).shuffle(order)
-    order = order[:args.study_trials] if args.study_trials else order
-    print(f"study: {len(order)} trials, unfrozen in this order: {order}", flush=True)
-    res = study(order, [*base, f"cache.dir={work}/cache-study"])
+    study_base = [*base, f"cache.dir={work}/cache-study"]
+    workers = Workers(study_base, args)
+    if args.study == "default":
+        print("study: the default study's trials (sampled for ours, replayed by naive)", flush=True)
+        trials = default_study(workers, study_base, args.study_trials)
+    else:
+        print("study: every depth once", flush=True)
+        trials = every_depth(workers, int(cfg.backbone.num_units), args.study_trials)
+    res = workers.close()
+    depths = [int(o.split("=")[1]) for t in trials for o in t if o.startswith("freeze.unfrozen=")]
+    print(f"study: {len(trials)} trials, unfrozen in this order: {depths}")
     for kind, r in res.items():
         accs = " ".join(f"{a:.3f}" for a in r["val_acc"])
         print(f"study {kind:>5}: {r['wall_s']:7.1f} s wall, {r['cpu_s']:7.1f} s CPU (all threads), "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB, val_acc {accs}")
+              f"peak RSS {r['peak_rss_mb']:.0f} MB, best val_acc {max(r['val_acc']):.3f}; val_acc {accs}")
     print(f"study CPU time ratio (robust to other load): "
           f"{res['naive']['cpu_s'] / res['ours']['cpu_s']:.1f}x")
     print(f"study wall time: naive {res['naive']['wall_s']:.1f} s, ours {res['ours']['wall_s']:.1f} s, "
