@@ -139,7 +139,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     log.info("val_acc %.4f  test_acc %.4f  train_time_s %.2f  (MLflow run %s)",
              final["val_acc"], final["test_acc"], final["train_time_s"], run.run_id)
     return {**final, **cache_metrics, "trainable_params": trainable, "frozen_params": frozen,
-            "run_id": run.run_id}
+            "train_steps_s": sum(e.epoch_time_s for e in result.epochs), "run_id": run.run_id}
 
 
 BN_STATS = ("source", "target")
