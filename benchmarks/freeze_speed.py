@@ -178,13 +178,13 @@ def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
 # --- ours ----------------------------------------------------------------------------------
 
 def ours_net(cfg: DictConfig, data: data_mod.Data, state, origin: str, unfrozen: int,
-             device: torch.device, bn_stats: str = "source") -> tuple[FreezeNet, float]:
-    """The trial's model (same seed, so the same head as naive's), and the seconds spent
-    re-estimating its frozen BatchNorm statistics (``bn_stats=target``; else 0)."""
+             device: torch.device, bn_stats: str = "source") -> FreezeNet:
+    """The trial's model (same seed, so the same head as naive's), with its frozen BatchNorm
+    statistics re-estimated when ``bn_stats=target``."""
     torch.manual_seed(int(cfg.trainer.seed))
     net = build(cfg.backbone, len(data.classes), unfrozen, state, origin)[0].to(device)
-    spent = adapt_batchnorm(net, data, bn_stats, device, int(cfg.trainer.batch_size))
-    return net, spent or 0.0
+    adapt_batchnorm(net, data, bn_stats, device, int(cfg.trainer.batch_size))
+    return net
 
 
 def ours_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device, on_epoch):
@@ -200,12 +200,11 @@ def depth_table(cfg: DictConfig, opts: argparse.Namespace) -> None:
     device = resolve_device(str(cfg.trainer.device))
     n = int(cfg.backbone.num_units)
     seeds = [int(cfg.trainer.seed) + i for i in range(opts.seeds)]
-    loaded = {}
-    for seed in seeds:
-        c = compose_cfg(opts.base + [f"trainer.seed={seed}", f"cache.dir={opts.work}/cache-table"])
-        seed_everything(c.trainer)
-        loaded[seed] = (c, data_mod.load(c.dataset), *weights.resolve(c))
-    c, data, _, _ = loaded[seeds[0]]
+    # The seed is the trainer's: data splits and pretrained weights are the same for every one.
+    cfgs = {seed: compose_cfg(opts.base + [f"trainer.seed={seed}", f"cache.dir={opts.work}/cache-table"])
+            for seed in seeds}
+    data = data_mod.load(cfg.dataset)
+    state, origin = weights.resolve(cfg)
     print(f"{cfg.backbone.name}, {n} freeze units, {cfg.dataset.name} {cfg.dataset.image_size}px, "
           f"{len(data.train)} train / {len(data.val)} val images, {cfg.trainer.epochs} epochs, "
           f"batch {cfg.trainer.batch_size}, {device.type} x{torch.get_num_threads()} threads, "
@@ -220,9 +219,10 @@ def depth_table(cfg: DictConfig, opts: argparse.Namespace) -> None:
         naive_times, ours_times, ratios, accs = [], [], [], {"naive": [], "ours": [], "ours+bn": []}
         fill = 0.0
         for seed in seeds:
-            c, data, state, origin = loaded[seed]
-            net_naive = ours_net(c, data, state, origin, unfrozen, device)[0]
-            net_ours = ours_net(c, data, state, origin, unfrozen, device)[0]
+            c = cfgs[seed]
+            seed_everything(c.trainer)
+            net_naive = ours_net(c, data, state, origin, unfrozen, device)
+            net_ours = ours_net(c, data, state, origin, unfrozen, device)
             # Lockstep: one naive epoch after each of ours, so both see the same machine load.
             naive = naive_epochs(net_naive, data, c, device, opts)
             naive_runs = []
@@ -235,7 +235,7 @@ def depth_table(cfg: DictConfig, opts: argparse.Namespace) -> None:
             accs["ours"].append(acc)
             fill = feeds.train.fill_time_s
             # Accuracy only: the same trial with freeze.bn_stats=target (AdaBN)
-            net_bn, _ = ours_net(c, data, state, origin, unfrozen, device, "target")
+            net_bn = ours_net(c, data, state, origin, unfrozen, device, "target")
             accs["ours+bn"].append(ours_fit(net_bn, data, c, device, on_epoch=None)[1])
         mean = {k: statistics.fmean(v) for k, v in accs.items()}
         print(f"{unfrozen:>8} {n - unfrozen:>6} | {statistics.median(naive_times):>10.3f} "

@@ -320,7 +320,8 @@ def _read(path: Path, key: str, in_memory: bool) -> tuple[torch.Tensor, dict]:
 
 # --- filling ------------------------------------------------------------------------------
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time measures it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -367,19 +368,19 @@ def _fill(prefix: Prefix, cut: int, directory: Path) -> tuple[torch.Tensor, dict
         return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
     parent = _find_parent(prefix, cut, directory)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     if parent is not None:
         j, parent_rows, parent_meta = parent
         rows = _run_units(list(model.units[j:cut]), parent_rows, _as_float, device, prefix.amp,
                           prefix.dtype)
-        _sync(device)
+        sync(device)
         spent = time.perf_counter() - t0
         return rows, {"fill_time_s": parent_meta["fill_time_s"] + spent, "spent_s": spent,
                       "cut": cut, "how": f"derived from cut {j}"}
     rows = _run_units(list(model.units[:cut]), prefix.split.images, images, device, prefix.amp,
                       prefix.dtype)
-    _sync(device)
+    sync(device)
     spent = time.perf_counter() - t0
     return rows, {"fill_time_s": spent, "spent_s": spent, "cut": cut, "how": "filled"}
 

@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from sweeper.cache import Feed, Feeds, image_feed
+from sweeper.cache import Feed, Feeds, image_feed, sync
 from sweeper.data import Data, Normalize, Split
 from sweeper.errors import UserError
 from sweeper.freeze import FreezeNet
@@ -76,11 +76,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"trainer.device={name} but no CUDA device is available; "
                         "use trainer.device=auto or trainer.device=cpu.")
     return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -157,7 +152,7 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen)[:n_used].to(train.rows.device)
         for start in range(0, n_used, bs):
@@ -172,7 +167,7 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
             sched.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
-        _sync(device)
+        sync(device)
         epoch_time = time.perf_counter() - t0
         train_loss = loss_sum.item() / n_used
         if not math.isfinite(train_loss):
