@@ -17,8 +17,8 @@ SMALL = ["backbone.weights=source", "dataset=digits", "dataset.classes=[5,6,7,8,
 
 
 def test_yosinski_experiment_treatments_and_figure(cli, outputs, mlflow_client):
-    done = cli("hydra/sweeper=basic", "experiment=yosinski", "treatment=AnB,BnB_plus", "freeze.transferred=0,5",
-               "trainer.seed=0", *SMALL, flags=("-m",), tiny=False)
+    done = cli("hydra/sweeper=basic", "experiment=yosinski", "treatment=AnB,BnB_plus",
+               "freeze.transferred=0,5", "trainer.seed=0", *SMALL, flags=("-m",), tiny=False)
     assert done.returncode == 0, done.stderr
     exp = mlflow_client.get_experiment_by_name("yosinski")
     runs = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'trial'")
