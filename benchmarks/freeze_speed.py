@@ -39,7 +39,6 @@ from pathlib import Path
 
 import optuna
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
@@ -50,18 +49,14 @@ from sweeper import data as data_mod
 from sweeper._job import settings_in
 from sweeper._optuna import make_sampler
 from sweeper._space import parse
+from sweeper.config import compose, task_config
 from sweeper.freeze import FreezeNet
 from sweeper.model import build
-from sweeper.tracking import Tracker
+from sweeper.tracking import Param, Tag, Tracker
 from sweeper.train import fit, make_optimizer, resolve_device
-from sweeper.trial import _log_inputs, adapt_batchnorm, run_trial, seed_everything
+from sweeper.trial import adapt_batchnorm, log_inputs, run_trial, seed_everything
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def compose_cfg(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 # --- naive ---------------------------------------------------------------------------------
@@ -155,8 +150,8 @@ def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
     """``run_trial``'s steps (data, weights, model, MLflow run) with the naive training recipe."""
     device = resolve_device(str(cfg.trainer.device))
     run = Tracker(cfg.tracking).start(f"naive-unfrozen{cfg.freeze.unfrozen}",
-                                      tags={"sweeper.kind": "benchmark-naive"})
-    _log_inputs(run, cfg, [], None)  # the same MLflow writes as run_trial
+                                      tags={Tag.KIND: "benchmark-naive"})
+    log_inputs(run, cfg, [], None)  # the same MLflow writes as run_trial
     seed_everything(cfg.trainer)
     data = data_mod.load(cfg.dataset)
     state, origin = weights.resolve(cfg)
@@ -201,7 +196,8 @@ def depth_table(cfg: DictConfig, opts: argparse.Namespace) -> None:
     n = int(cfg.backbone.num_units)
     seeds = [int(cfg.trainer.seed) + i for i in range(opts.seeds)]
     # The seed is the trainer's: data splits and pretrained weights are the same for every one.
-    cfgs = {seed: compose_cfg(opts.base + [f"trainer.seed={seed}", f"cache.dir={opts.work}/cache-table"])
+    cfgs = {seed: compose(overrides=[*opts.base, f"trainer.seed={seed}",
+                                     f"cache.dir={opts.work}/cache-table"])
             for seed in seeds}
     data = data_mod.load(cfg.dataset)
     state, origin = weights.resolve(cfg)
@@ -253,7 +249,7 @@ def worker(kind: str, overrides: list[str], opts: argparse.Namespace) -> None:
     for line in sys.stdin:
         if not line.strip():
             break
-        cfg = compose_cfg([*overrides, *json.loads(line)])
+        cfg = compose(overrides=[*overrides, *json.loads(line)])
         t0, c0 = time.perf_counter(), time.process_time()
         result = naive_trial(cfg, opts) if kind == "naive" else run_trial(cfg)
         print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
@@ -315,9 +311,8 @@ def default_study(workers: Workers, base: list[str], n_trials: int | None) -> li
     """The study ``python -m sweeper.run -m`` runs (its search space, conditions, sampler and
     objectives from conf/hydra/sweeper), asked and told here; ours' results are told to the
     sampler and naive runs the very same trials. Returns the trials' overrides."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        full = compose("config", overrides=base, return_hydra_config=True)
-    task = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+    full = compose(overrides=base, return_hydra_config=True)
+    task = task_config(full)
     settings = settings_in(task, full.hydra.sweeper)
     OmegaConf.resolve(settings)
     space = parse(settings.params, settings.get("conditions") or {})
@@ -348,7 +343,7 @@ def budget_check(overrides: list[str]) -> None:
     """A trial with a cache budget smaller than its features: RAM use stays under it."""
     logging.getLogger().setLevel(logging.WARNING)
     budget_mb = 2.0
-    cfg = compose_cfg([*overrides, f"cache.memory_budget_mb={budget_mb}"])
+    cfg = compose(overrides=[*overrides, f"cache.memory_budget_mb={budget_mb}"])
     result = run_trial(cfg)
     feeds_mb = result["cache_bytes"] / 2**20
     print(json.dumps({"budget_mb": budget_mb, "features_mb": feeds_mb,
@@ -391,12 +386,14 @@ def main() -> None:
     if args.part == "budget":
         return budget_check(args.overrides)
 
-    args.work = work = Path(tempfile.mkdtemp(prefix="freeze_speed-", dir=ROOT / "outputs"))
+    outputs = Path(compose(overrides=args.overrides).paths.outputs).resolve()
+    outputs.mkdir(parents=True, exist_ok=True)
+    args.work = work = Path(tempfile.mkdtemp(prefix="freeze_speed-", dir=outputs))
     args.base = base = [*args.overrides, f"tracking.uri=sqlite:///{work}/mlflow.db",
                         f"tracking.artifact_location={work}/mlartifacts"]
     if args.epochs:
         base.append(f"trainer.epochs={args.epochs}")
-    cfg = compose_cfg([*base, f"cache.dir={work}/cache-table"])
+    cfg = compose(overrides=[*base, f"cache.dir={work}/cache-table"])
     weights.resolve(cfg)  # pretrain the source checkpoint first if needed: not part of any timing
     if not args.study_only:
         depth_table(cfg, args)
@@ -422,7 +419,7 @@ def study_lines(cfg: DictConfig, args: argparse.Namespace, base: list[str], work
         print("study: every depth once", flush=True)
         trials = every_depth(workers, int(cfg.backbone.num_units), args.study_trials)
     res = workers.close()
-    depths = [int(o.split("=")[1]) for t in trials for o in t if o.startswith("freeze.unfrozen=")]
+    depths = [int(o.split("=")[1]) for t in trials for o in t if o.startswith(f"{Param.UNFROZEN}=")]
     print(f"study: {len(trials)} trials, unfrozen in this order: {depths}")
     for kind, r in res.items():
         accs = " ".join(f"{a:.3f}" for a in r["val_acc"])

@@ -9,13 +9,9 @@ into freeze units) + :mod:`sweeper.weights` / :mod:`sweeper.pretrain` -> :mod:`s
 turns a study into a recommendation, :mod:`sweeper.rerun` re-runs a logged trial.
 """
 
-from omegaconf import OmegaConf
+from sweeper import config  # noqa: F401 - registers the config resolvers before any compose
+from sweeper.freeze import FreezeNet
+from sweeper.model import build
+from sweeper.trial import run_trial
 
-# Config arithmetic, e.g. unfrozen = num_units - transferred in conf/treatment/.
-OmegaConf.register_new_resolver("minus", lambda a, b: int(a) - int(b), replace=True)
-
-from sweeper.freeze import FreezeNet  # noqa: E402
-from sweeper.model import build  # noqa: E402
-from sweeper.trial import OBJECTIVES, run_trial  # noqa: E402
-
-__all__ = ["OBJECTIVES", "FreezeNet", "build", "run_trial"]
+__all__ = ["FreezeNet", "build", "run_trial"]

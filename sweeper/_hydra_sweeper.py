@@ -20,11 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-def _quote(text: str) -> str:
-    """``text`` as a quoted value in Hydra's override grammar."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 class SweeperImpl:
     """What :class:`hydra_plugins.sweeper_optuna.OptunaSweeper` does, outside ``hydra_plugins``."""
 
@@ -39,22 +34,19 @@ class SweeperImpl:
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from sweeper.study import StudyRunner
+        from sweeper._space import quote
+        from sweeper.config import task_config
+        from sweeper.study import StudyRunner, one_at_a_time
 
         assert self.config is not None and self.launcher is not None
         settings = OmegaConf.create(OmegaConf.to_container(self.config.hydra.sweeper,
                                                            resolve=True))
-        task = self.config.copy()
-        OmegaConf.set_struct(task, False)
-        task.pop("hydra")
+        task = task_config(self.config)
         launcher = self.launcher
-        basic = type(launcher).__name__ == "BasicLauncher"
-        if basic and int(settings.n_jobs) > 1:
-            log.warning("hydra.sweeper.n_jobs=%s with Hydra's basic launcher, which runs jobs "
-                        "in this process one at a time: running 1 trial at a time. Use "
-                        "hydra/launcher=joblib (or submitit_local) for parallel trials.",
-                        settings.n_jobs)
-            settings.n_jobs = 1
+        if type(launcher).__name__ == "BasicLauncher":
+            one_at_a_time(settings, "Hydra's basic launcher runs jobs in this process one at a "
+                                    "time; use hydra/launcher=joblib (or submitit_local) for "
+                                    "parallel trials")
         slots = self.config.hydra.launcher.get("n_jobs")  # joblib: -1 = one per CPU
         if slots is not None and int(slots) != 0:
             slots = int(slots) if int(slots) > 0 else (os.cpu_count() or 1) + 1 + int(slots)
@@ -73,5 +65,5 @@ class SweeperImpl:
         runner = StudyRunner(settings, task, launch, arguments)
         # Jobs may run elsewhere (another cwd, another machine): give them the storage as the
         # sweep resolved it.
-        storage.append(f"hydra.sweeper.storage={_quote(runner.storage_spec)}")
+        storage.append(f"hydra.sweeper.storage={quote(runner.storage_spec)}")
         return runner.run(str(settings.get("progress", "auto")))

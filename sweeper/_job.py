@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from sweeper import _optuna
 from sweeper._study_mlflow import fail_trial_runs, trial_runs, trial_tags
-from sweeper.tracking import Tracker
+from sweeper.tracking import Run, State, Tag, Tracker
 from sweeper.train import EpochStats
 from sweeper.trial import run_trial
 
@@ -85,7 +85,7 @@ def run(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:
         trial.set_user_attr("pruned", str(e))
         study.tell(number, state=TrialState.PRUNED, skip_if_finished=True)
         log.info("trial %d %s", number, e)
-        return {"state": "pruned", "error": str(e)}
+        return {"state": State.PRUNED, "error": str(e)}
     except Exception as e:  # noqa: BLE001 - any failure of the trial is recorded, not fatal
         reason = f"{type(e).__name__}: {e}"
         log.error("trial %d failed: %s", number, reason, exc_info=True)
@@ -94,7 +94,7 @@ def run(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-        return {"state": "failed", "error": reason}
+        return {"state": State.FAILED, "error": reason}
     finally:
         heartbeat.close()
     trial.set_user_attr("mlflow_run_id", result["run_id"])
@@ -107,9 +107,9 @@ def run(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:
         log.warning("trial %d finished after another sweep had declared it lost; its result "
                     "stays out of the study (MLflow run %s tagged state=lost)", number,
                     result["run_id"])
-        tracker.client.set_tag(result["run_id"], "state", "lost")
-        return {"state": "lost", **result}
-    return {"state": "complete", **result}
+        Run(tracker.client, result["run_id"]).tags({Tag.STATE: State.LOST})
+        return {"state": State.LOST, **result}
+    return {"state": State.COMPLETE, **result}
 
 
 def _set_run_id(trial: optuna.Trial, tracker: Tracker, parent: str | None, number: int) -> None:

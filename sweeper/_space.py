@@ -185,12 +185,17 @@ def _describe(dist: BaseDistribution) -> str:
     return text + (", log)" if dist.log else ")")
 
 
+def quote(text: str) -> str:
+    """``text`` as a quoted value in Hydra's override grammar."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _format(value: Any) -> str:
     """A sampled value as Hydra override text (floats keep full precision)."""
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str) and re.search(r"[\s,=()\[\]{}'\"\\:]", value):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return quote(value)
     return str(value)
 
 

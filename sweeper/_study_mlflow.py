@@ -18,31 +18,31 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.tracking import Run, Tracker, environment_tags
+from sweeper.tracking import Kind, Run, State, Tag, Tracker, environment_tags
 
 log = logging.getLogger(__name__)
 
-STATE_TAG = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
-             TrialState.FAIL: "failed", TrialState.RUNNING: "running",
-             TrialState.WAITING: "waiting"}
+STATE = {TrialState.COMPLETE: State.COMPLETE, TrialState.PRUNED: State.PRUNED,
+         TrialState.FAIL: State.FAILED, TrialState.RUNNING: State.RUNNING,
+         TrialState.WAITING: State.WAITING}
 
 
 def trial_tags(study_name: str, number: int) -> dict[str, str]:
-    return {"sweeper.kind": "trial", "optuna.study_name": study_name,
-            "optuna.trial_number": str(number)}
+    return {Tag.KIND: Kind.TRIAL, Tag.STUDY: study_name, Tag.TRIAL: str(number)}
 
 
 def trial_runs(tracker: Tracker, parent_run_id: str, number: int) -> list[Any]:
     """The MLflow runs of trial ``number`` under ``parent_run_id`` (normally one)."""
     return tracker.client.search_runs(
         [tracker.experiment_id],
-        filter_string=(f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                       f"and tags.`optuna.trial_number` = '{number}'"))
+        filter_string=(f"tags.`{Tag.PARENT}` = '{parent_run_id}' "
+                       f"and tags.`{Tag.TRIAL}` = '{number}'"))
 
 
 def fail_trial_runs(tracker: Tracker, parent_run_id: str | None, study_name: str, number: int,
-                    reason: str, overrides: Sequence[str] = (), status: str = "FAILED") -> str | None:
-    """End the trial's unfinished runs ``status`` with ``reason``; create one if it has none.
+                    reason: str, overrides: Sequence[str] = (),
+                    state: State = State.FAILED) -> str | None:
+    """End the trial's unfinished runs in ``state`` with ``reason``; create one if it has none.
 
     A trial that failed before its run existed (a bad override, a config that does not
     compose) still gets a FAILED child run, so MLflow shows every trial with its reason.
@@ -53,27 +53,24 @@ def fail_trial_runs(tracker: Tracker, parent_run_id: str | None, study_name: str
     runs = trial_runs(tracker, parent_run_id, number)
     for r in runs:
         if r.info.status == "RUNNING":
-            run = Run(tracker.client, r.info.run_id)
-            run.tags({"state": "failed" if status == "FAILED" else "killed", "error": reason[:5000]})
-            run.end(status)
+            Run(tracker.client, r.info.run_id).finish(state, reason)
     if runs:
         return runs[0].info.run_id
     run = tracker.start(f"trial-{number}", tags={**trial_tags(study_name, number),
-                                                 "overrides": " ".join(overrides)},
+                                                 Tag.OVERRIDES: " ".join(overrides)},
                         parent_run_id=parent_run_id)
-    run.tags({"state": "failed", "error": reason[:5000]})
-    run.end(status)
+    run.finish(state, reason)
     return run.run_id
 
 
 def start_parent(tracker: Tracker, study_name: str, storage: str, params: Mapping[str, Any],
                  overrides: Sequence[str], config_yaml: str) -> Run:
     run = tracker.start(study_name, tags={
-        "sweeper.kind": "study",
-        "optuna.study_name": study_name,
-        "optuna.storage": storage,
-        "overrides": " ".join(overrides),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        Tag.KIND: Kind.STUDY,
+        Tag.STUDY: study_name,
+        Tag.STORAGE: storage,
+        Tag.OVERRIDES: " ".join(overrides),
+        Tag.COMMAND: shlex.join([Path(sys.executable).name, *sys.argv]),
         **environment_tags(),
     })
     run.params(params)
@@ -89,7 +86,7 @@ def reopen(tracker: Tracker, run_id: str) -> Run:
 
 
 def _row(t: FrozenTrial, names: Sequence[str]) -> dict[str, Any]:
-    row: dict[str, Any] = {"trial": t.number, "state": STATE_TAG.get(t.state, t.state.name.lower())}
+    row: dict[str, Any] = {"trial": t.number, "state": str(STATE.get(t.state, t.state.name.lower()))}
     for i, name in enumerate(names):
         row[name] = t.values[i] if t.values is not None and i < len(t.values) else None
     row.update({"test_acc": t.user_attrs.get("test_acc")})

@@ -4,22 +4,25 @@ Every family becomes an ordered list of backbone units whose composition is the 
 model's own forward up to (and including) its pooled feature vector, followed by a new linear
 head. Freezing is always a prefix of that list (see :mod:`sweeper.freeze`).
 
-=====================  =====  ==============================================================
-family                 units  what one unit is
-=====================  =====  ==============================================================
-resnet18               9      stem (conv1, bn1, relu, maxpool); each of the 8 basic blocks
-resnet50               17     stem; each of the 16 bottleneck blocks
-mobilenet_v3_small     13     each entry of ``features`` (stem conv, 11 inverted-residual
-                              blocks, last conv); the last also holds the pooling and the
-                              pretrained pre-logits layer (Linear 576->1024, Hardswish)
-efficientnet_b0        18     stem conv; each of the 16 MBConv blocks; the last 1x1 conv
-convnext_tiny          19     stem; each of the 18 ConvNeXt blocks, a downsampling layer
-                              going with the first block after it; the last also holds the
-                              pooling and the pretrained LayerNorm
-vit_b_16               13     patch embedding (conv, class token, position embedding); each
-                              of the 12 encoder layers; the last also holds the final
-                              LayerNorm and takes the class token
-=====================  =====  ==============================================================
+=====================  ========================================================================
+family                 what one unit is
+=====================  ========================================================================
+resnet18               stem (conv1, bn1, relu, maxpool); each of the 8 basic blocks
+resnet50               stem; each of the 16 bottleneck blocks
+mobilenet_v3_small     each entry of ``features`` (stem conv, 11 inverted-residual blocks, last
+                       conv); the last also holds the pooling and the pretrained pre-logits
+                       layer (Linear 576->1024, Hardswish)
+efficientnet_b0        stem conv; each of the 16 MBConv blocks; the last 1x1 conv
+convnext_tiny          stem; each of the 18 ConvNeXt blocks, a downsampling layer going with the
+                       first block after it; the last also holds the pooling and the pretrained
+                       LayerNorm
+vit_b_16               patch embedding (conv, class token, position embedding); each of the 12
+                       encoder layers; the last also holds the final LayerNorm and takes the
+                       class token
+=====================  ========================================================================
+
+How many units a family has is written once, as ``num_units`` in ``conf/backbone/<family>.yaml``
+(tests check it against the cut made here).
 
 The last backbone unit always ends in a flat feature vector, so the head is just a new
 ``Linear`` (with the family's dropout in front where it has one).

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -49,6 +48,7 @@ from filelock import FileLock
 from omegaconf import DictConfig
 from torch import nn
 
+from sweeper import timing
 from sweeper.data import Augment, Data, Normalize, Split
 from sweeper.errors import UserError
 from sweeper.freeze import FreezeNet
@@ -116,17 +116,22 @@ class Feeds:
     test: Feed
     filled_s: float = 0.0  # time this trial actually spent filling entries
 
+    def time(self) -> timing.TrialTime:
+        """A trial's time, charged the recorded fill costs of these feeds' entries."""
+        return timing.TrialTime(train_fill_s=self.train.fill_time_s,
+                                val_fill_s=self.val.fill_time_s,
+                                test_fill_s=self.test.fill_time_s, filled_s=self.filled_s)
+
     def tags(self) -> dict[str, str]:
         return {"cache.train": self.train.source, "cache.val": self.val.source,
                 "cache.test": self.test.source}
 
     def metrics(self) -> dict[str, float]:
+        """What the cache holds for this trial (its time metrics: :meth:`time`)."""
         feeds = (self.train, self.val, self.test)
         return {
             "cache_hits": sum(f.source.startswith("hit") for f in feeds),
             "cache_entries": sum(f.cached for f in feeds),
-            "cache_fill_time_s": self.filled_s,
-            "cache_fill_charged_s": sum(f.fill_time_s for f in feeds),
             "cache_bytes": sum(f.nbytes for f in feeds),
             "cache_mapped_bytes": sum(f.nbytes for f in feeds if f.mapped),
             "cache_memory_bytes": MEMORY.nbytes,
@@ -320,12 +325,6 @@ def _read(path: Path, key: str, in_memory: bool) -> tuple[torch.Tensor, dict]:
 
 # --- filling ------------------------------------------------------------------------------
 
-def sync(device: torch.device) -> None:
-    """Wait for the GPU's queued work, so that a wall-clock time measures it (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def _run_units(units: list[nn.Module], rows: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
                device: torch.device, amp: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -368,21 +367,18 @@ def _fill(prefix: Prefix, cut: int, directory: Path) -> tuple[torch.Tensor, dict
         return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
     parent = _find_parent(prefix, cut, directory)
-    sync(device)
-    t0 = time.perf_counter()
     if parent is not None:
         j, parent_rows, parent_meta = parent
-        rows = _run_units(list(model.units[j:cut]), parent_rows, _as_float, device, prefix.amp,
-                          prefix.dtype)
-        sync(device)
-        spent = time.perf_counter() - t0
-        return rows, {"fill_time_s": parent_meta["fill_time_s"] + spent, "spent_s": spent,
-                      "cut": cut, "how": f"derived from cut {j}"}
-    rows = _run_units(list(model.units[:cut]), prefix.split.images, images, device, prefix.amp,
-                      prefix.dtype)
-    sync(device)
-    spent = time.perf_counter() - t0
-    return rows, {"fill_time_s": spent, "spent_s": spent, "cut": cut, "how": "filled"}
+        with timing.measure(device) as spent:
+            rows = _run_units(list(model.units[j:cut]), parent_rows, _as_float, device,
+                              prefix.amp, prefix.dtype)
+        return rows, {"fill_time_s": timing.fill_cost(spent.s, parent_meta["fill_time_s"]),
+                      "spent_s": spent.s, "cut": cut, "how": f"derived from cut {j}"}
+    with timing.measure(device) as spent:
+        rows = _run_units(list(model.units[:cut]), prefix.split.images, images, device,
+                          prefix.amp, prefix.dtype)
+    return rows, {"fill_time_s": timing.fill_cost(spent.s), "spent_s": spent.s, "cut": cut,
+                  "how": "filled"}
 
 
 def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, float]:

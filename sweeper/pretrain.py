@@ -2,7 +2,7 @@
 
 The offline stand-in for ImageNet weights. The default source/target pair follows the AnB
 design of Yosinski et al. (2014) on Fashion-MNIST: pretrain on classes 0-4 (A), transfer to
-classes 5-9 (B). The checkpoint is cached under ``outputs/pretrained/`` keyed by a hash of
+classes 5-9 (B). The checkpoint is cached under ``paths.pretrained`` keyed by a hash of
 everything that determines it (backbone, source data, optimiser, epochs, seed), written
 atomically under a file lock so parallel trials pretrain once, and its pretraining is logged
 as an MLflow run of its own (tag ``sweeper.kind=pretrain``).
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import data as data_mod
 from sweeper.model import backbone_kwargs, build
-from sweeper.tracking import Tracker, config_params, environment_tags
+from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
 from sweeper.train import evaluate, fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def checkpoint_key(cfg: DictConfig) -> dict:
 def checkpoint_path(cfg: DictConfig) -> Path:
     key = json.dumps(checkpoint_key(cfg), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cfg.paths.outputs) / "pretrained" / f"{cfg.backbone.name}-{digest}.pt"
+    return Path(cfg.paths.pretrained) / f"{cfg.backbone.name}-{digest}.pt"
 
 
 def _readable(path: Path) -> bool:
@@ -78,7 +78,7 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
     log.info("Pretraining %s on the source task (%s, classes %s) -> %s",
              cfg.backbone.name, src.dataset.name, src.dataset.classes or "all", path)
     run = Tracker(cfg.tracking).start(
-        f"pretrain-{path.stem}", tags={"sweeper.kind": "pretrain", **environment_tags()})
+        f"pretrain-{path.stem}", tags={Tag.KIND: Kind.PRETRAIN, **environment_tags()})
     try:
         run.params(config_params(cfg, only=("backbone", "source")))
         device = resolve_device(str(src.trainer.device))
@@ -87,21 +87,20 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
         model, tv_model = build(cfg.backbone, len(data.classes), int(cfg.backbone.num_units), None)
         model.to(device)
         result = fit(model, data, src.trainer, src.optim, device,
-                     on_epoch=lambda s: run.metrics({"train_loss": s.train_loss,
-                                                     "val_acc": s.val_acc}, step=s.epoch))
+                     on_epoch=lambda s: run.metrics(s.metrics(), step=s.epoch))
         test_acc = evaluate(model, data.test, data.normalize.to(device), device,
                             int(src.trainer.batch_size))
-        run.metrics({"val_acc": result.val_acc, "test_acc": test_acc,
-                     "train_time_s": result.train_time_s})
+        train_time_s = result.time.train_time_s
+        run.metrics({"val_acc": result.val_acc, "test_acc": test_acc, **result.time.totals()},
+                    step=len(result.epochs))
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"state_dict": {k: v.cpu() for k, v in tv_model.state_dict().items()}}, tmp)
         os.replace(tmp, path)
         path.with_suffix(".json").write_text(json.dumps(
             {"key": checkpoint_key(cfg), "mlflow_run_id": run.run_id, "val_acc": result.val_acc,
-             "test_acc": test_acc, "train_time_s": result.train_time_s}, indent=2))
-        run.tags({"checkpoint": str(path)})
-        log.info("Source pretraining done: test accuracy %.3f in %.1fs", test_acc,
-                 result.train_time_s)
+             "test_acc": test_acc, "train_time_s": train_time_s}, indent=2))
+        run.tags({Tag.CHECKPOINT: str(path)})
+        log.info("Source pretraining done: test accuracy %.3f in %.1fs", test_acc, train_time_s)
     except BaseException as e:
         run.end("FAILED", e)
         raise

@@ -3,7 +3,7 @@
 ``python -m sweeper.report`` reports on the latest study; ``study=NAME`` or
 ``parent_run=RUN_ID`` picks another; ``tolerance=0.5`` changes the rule's tolerance (in
 accuracy points). The report is written as ``report.md`` plus PNG plots under
-``outputs/studies/<study>/report/`` and logged as artifacts (``report/``) of the study's
+``<paths.studies>/<study>/report/`` and logged as artifacts (``report/``) of the study's
 parent MLflow run; the terminal shows the table and the recommendation.
 
 The rule: among the depths with at least one complete trial, take the best validation
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shlex
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from sweeper.errors import UserError
-from sweeper.tracking import Tracker
+from sweeper.tracking import Kind, Param, State, Tag, Tracker, command_overrides, train_command
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +55,9 @@ def find_parent(tracker: Tracker, study: str | None = None, parent_run: str | No
             return client.get_run(parent_run)
         except MlflowException:
             raise UserError(f"No MLflow run {parent_run} in {tracker.uri}.") from None
-    query = "tags.`sweeper.kind` = 'study'"
+    query = f"tags.`{Tag.KIND}` = '{Kind.STUDY}'"
     if study:
-        query += f" and tags.`optuna.study_name` = '{study}'"
+        query += f" and tags.`{Tag.STUDY}` = '{study}'"
     runs = client.search_runs([tracker.experiment_id], query, order_by=["start_time DESC"],
                               max_results=1)
     if not runs:
@@ -71,24 +70,21 @@ def find_parent(tracker: Tracker, study: str | None = None, parent_run: str | No
 def trial_frame(tracker: Tracker, parent_run_id: str) -> pd.DataFrame:
     """One row per child run of the study: its depth, learning rates, state and metrics."""
     runs = tracker.client.search_runs(
-        [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        max_results=50000)
+        [tracker.experiment_id], f"tags.`{Tag.PARENT}` = '{parent_run_id}'", max_results=50000)
     rows = []
     for r in runs:
         p, m, t = r.data.params, r.data.metrics, r.data.tags
-        if "freeze.unfrozen" not in p:
+        if not p:  # a trial that failed before its config was logged: no depth to count it at
             continue
-        state = t.get("state") or {"FINISHED": "complete", "KILLED": "pruned"}.get(
-            r.info.status, "failed")
         rows.append({
-            "trial": int(t["optuna.trial_number"]) if "optuna.trial_number" in t else None,
-            "run_id": r.info.run_id, "state": state,
-            "unfrozen": int(p["freeze.unfrozen"]), "num_units": int(p["backbone.num_units"]),
-            "lr_head": float(p["optim.lr_head"]), "lr_backbone": float(p["optim.lr_backbone"]),
+            "trial": int(t[Tag.TRIAL]) if Tag.TRIAL in t else None,
+            "run_id": r.info.run_id, "state": t.get(Tag.STATE) or State.of_status(r.info.status),
+            "unfrozen": int(p[Param.UNFROZEN]), "num_units": int(p[Param.NUM_UNITS]),
+            "lr_head": float(p[Param.LR_HEAD]), "lr_backbone": float(p[Param.LR_BACKBONE]),
             "val_acc": m.get("val_acc", math.nan), "test_acc": m.get("test_acc", math.nan),
             "train_time_s": m.get("train_time_s", math.nan),
             "trainable_params": m.get("trainable_params", math.nan),
-            "command": _train_command(t.get("rerun_command", ""), p),
+            "command": _train_command(t.get(Tag.RERUN_COMMAND, ""), p),
         })
     columns = ["trial", "run_id", "state", "unfrozen", "num_units", "lr_head", "lr_backbone",
                "val_acc", "test_acc", "train_time_s", "trainable_params", "command"]
@@ -97,23 +93,23 @@ def trial_frame(tracker: Tracker, parent_run_id: str) -> pd.DataFrame:
 
 def _train_command(logged: str, params: dict[str, str]) -> str:
     """The command that trains this trial's depth and learning rates with its other overrides."""
-    chosen = {k: params[k] for k in ("freeze.unfrozen", "optim.lr_head", "optim.lr_backbone")}
-    base = shlex.split(logged)[3:] if logged else []  # drop "python -m sweeper.run"
+    chosen = {k: params[k] for k in (Param.UNFROZEN, Param.LR_HEAD, Param.LR_BACKBONE)}
+    base = command_overrides(logged) if logged else []
     keep = [o for o in base if o.split("=", 1)[0].lstrip("+~") not in chosen]
-    return shlex.join(["python", "-m", "sweeper.run", *keep, *(f"{k}={v}" for k, v in chosen.items())])
+    return train_command([*keep, *(f"{k}={v}" for k, v in chosen.items())])
 
 
 def depth_table(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per depth: best trial's accuracies and learning rates, median time, counts."""
     rows = []
-    complete = trials[trials.state == "complete"]
+    complete = trials[trials.state == State.COMPLETE]
     full = complete[complete.unfrozen == complete.num_units]
     full_time = full.train_time_s.median() if len(full) else math.nan
     for depth, group in trials.groupby("unfrozen"):
-        done = group[group.state == "complete"]
+        done = group[group.state == State.COMPLETE]
         row = {"unfrozen": depth, "trials": len(group),
-               "pruned": int((group.state == "pruned").sum()),
-               "failed": int((group.state == "failed").sum())}
+               "pruned": int((group.state == State.PRUNED).sum()),
+               "failed": int((group.state == State.FAILED).sum())}
         if len(done):
             best = done.loc[done.val_acc.idxmax()]
             time = done.train_time_s.median()
@@ -160,7 +156,7 @@ def recommend(table: pd.DataFrame, tolerance: float) -> tuple[dict | None, str]:
 
 def pareto_mask(trials: pd.DataFrame) -> pd.Series:
     """Complete trials no other trial beats on both accuracy (higher) and time (lower)."""
-    done = trials[trials.state == "complete"]
+    done = trials[trials.state == State.COMPLETE]
     mask = pd.Series(False, index=trials.index)
     for i, t in done.iterrows():
         dominated = ((done.val_acc >= t.val_acc) & (done.train_time_s <= t.train_time_s)
@@ -175,7 +171,7 @@ def _plots(trials: pd.DataFrame, folder: Path, study=None) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = trials[trials.state == "complete"]
+    done = trials[trials.state == State.COMPLETE]
     written = []
     if len(done):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -245,7 +241,7 @@ def _load_study(parent, storage: str | None = None) -> Any:
     ``storage`` overrides the run's ``optuna.storage`` tag (which hides any password).
     """
     tags = parent.data.tags
-    name, storage = tags.get("optuna.study_name"), storage or tags.get("optuna.storage")
+    name, storage = tags.get(Tag.STUDY), storage or tags.get(Tag.STORAGE)
     if not name or not storage:
         return None
     try:
@@ -265,9 +261,9 @@ def _markdown(r: Report, plots: list[str], tolerance: float) -> str:
     t = r.table
     lines = [f"# Freeze-depth report: {r.study}", "",
              f"MLflow parent run `{r.parent_run_id}`; {len(r.trials)} trials "
-             f"({int((r.trials.state == 'complete').sum())} complete, "
-             f"{int((r.trials.state == 'pruned').sum())} pruned, "
-             f"{int((r.trials.state == 'failed').sum())} failed).", "",
+             f"({int((r.trials.state == State.COMPLETE).sum())} complete, "
+             f"{int((r.trials.state == State.PRUNED).sum())} pruned, "
+             f"{int((r.trials.state == State.FAILED).sum())} failed).", "",
              "## Recommendation", "", r.explanation, ""]
     if r.recommended:
         lines += ["Train it with:", "", "```bash", r.recommended["command"], "```", ""]
@@ -307,7 +303,7 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
     """
     tracker = Tracker(cfg.tracking)
     parent = find_parent(tracker, study, parent_run)
-    name = parent.data.tags.get("optuna.study_name") or parent.info.run_name
+    name = parent.data.tags.get(Tag.STUDY) or parent.info.run_name
     trials = trial_frame(tracker, parent.info.run_id)
     notes = []
     if trials.empty:
@@ -323,12 +319,12 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
         if num_units not in measured:
             notes.append("Full fine-tuning (unfrozen=num_units) was not measured: no speed-up "
                          "against it can be given.")
-        if (trials.state == "pruned").any():
+        if (trials.state == State.PRUNED).any():
             notes.append("Pruned trials stopped early: they count in 'trials' and 'pruned' but "
                          "not in the accuracy or time columns.")
-        if (trials.state == "failed").any():
+        if (trials.state == State.FAILED).any():
             notes.append("Failed trials (see their MLflow runs' `error` tag) are left out.")
-        if len(trials[trials.state == "complete"]) < 3:
+        if len(trials[trials.state == State.COMPLETE]) < 3:
             notes.append("Fewer than 3 complete trials: the recommendation rests on little data.")
     recommended, explanation = recommend(table, tolerance)
     if optuna_study is None:
@@ -337,7 +333,7 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
         notes.append("The Optuna study was not reachable: no parameter importances.")
     elif len(optuna_study.directions) == 1:
         notes.append("Single-objective study: training time was recorded but not optimised.")
-    folder = folder or Path(cfg.paths.outputs) / "studies" / name / "report"
+    folder = folder or Path(cfg.paths.studies) / name / "report"
     folder.mkdir(parents=True, exist_ok=True)
     report = Report(name, parent.info.run_id, table, trials, recommended, explanation, notes,
                     folder)
@@ -390,20 +386,20 @@ def design_frame(tracker: Tracker, design: str) -> pd.DataFrame:
     """The trials of the latest run of experiment design ``design``, across MLflow experiments."""
     client = tracker.client
     ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, f"params.`design.name` = '{design}'", max_results=50000,
+    runs = client.search_runs(ids, f"params.`{Param.DESIGN}` = '{design}'", max_results=50000,
                               order_by=["start_time DESC"])
     if not runs:
         raise UserError(f"No trials of experiment design {design!r} in {tracker.uri}. Run it: "
                         f"python -m sweeper.run -m experiment={design}")
-    latest = runs[0].data.params.get("design.sweep")
-    rows = [{"treatment": r.data.params["design.treatment"],
-             "n": int(r.data.params["freeze.transferred"]),
-             "seed": int(r.data.params["trainer.seed"]),
+    latest = runs[0].data.params.get(Param.DESIGN_SWEEP)
+    rows = [{"treatment": r.data.params[Param.TREATMENT],
+             "n": int(r.data.params[Param.TRANSFERRED]),
+             "seed": int(r.data.params[Param.SEED]),
              "test_acc": r.data.metrics.get("test_acc", math.nan),
              "val_acc": r.data.metrics.get("val_acc", math.nan),
-             "state": r.data.tags.get("state", ""),
-             "pretrain_run_id": r.data.tags.get("pretrain_run_id")}
-            for r in runs if r.data.params.get("design.sweep") == latest]
+             "state": r.data.tags.get(Tag.STATE, ""),
+             "pretrain_run_id": r.data.tags.get(Tag.PRETRAIN_RUN_ID)}
+            for r in runs if r.data.params.get(Param.DESIGN_SWEEP) == latest]
     return pd.DataFrame(rows)
 
 
@@ -417,13 +413,13 @@ def make_design_report(cfg: DictConfig, design: str) -> tuple[pd.DataFrame, Path
 
     tracker = Tracker(cfg.tracking)
     trials = design_frame(tracker, design)
-    done = trials[trials.state == "complete"]
+    done = trials[trials.state == State.COMPLETE]
     table = done.pivot_table(index="n", columns="treatment", values="test_acc",
                              aggfunc=["mean", "std", "count"])
     base_ids = done[done.treatment.str.startswith("BnB")].pretrain_run_id.dropna().unique()
     base_b = [tracker.client.get_run(i).data.metrics.get("test_acc") for i in base_ids]
     base_b = [b for b in base_b if b is not None]
-    folder = Path(cfg.paths.outputs) / "experiments" / design / "report"
+    folder = Path(cfg.paths.experiments) / design / "report"
     folder.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -7,13 +7,15 @@ commit or uncommitted changes) differs from the one the original ran with. On CP
 ``trainer.deterministic=true`` the validation accuracy is reproduced exactly.
 
 Extra ``key=value`` arguments override the logged config (e.g. ``trainer.device=cuda``).
+The MLflow store is ``--tracking-uri``, else the project's ``tracking.uri``
+(``$MLFLOW_TRACKING_URI``, else the ``mlflow.db`` of ``conf/paths``, which follows
+``$SWEEPER_OUTPUTS``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 from typing import Any
@@ -24,7 +26,12 @@ from sweeper.errors import UserError
 
 log = logging.getLogger("sweeper.rerun")
 
-DEFAULT_URI = "sqlite:///outputs/mlflow.db"
+
+def default_uri() -> str:
+    """The tracking store a trial logs to by default: ``tracking.uri`` of ``conf/``."""
+    from sweeper.config import compose
+
+    return str(compose().tracking.uri)
 
 
 def logged_config(run_id: str, tracking_uri: str) -> tuple[DictConfig, Any]:
@@ -46,7 +53,12 @@ def logged_config(run_id: str, tracking_uri: str) -> tuple[DictConfig, Any]:
         except (MlflowException, OSError):
             raise UserError(f"Run {run_id} has no config.yaml artifact: it is not a sweeper "
                             "trial (or its artifacts were deleted).") from None
-        return OmegaConf.load(path), run
+        logged = OmegaConf.load(path)
+    # A folder conf/paths names but the trial's config does not (it ran before the folder was
+    # named there): where conf/paths puts it, below the trial's outputs.
+    from sweeper.config import compose
+
+    return OmegaConf.merge({"paths": compose().paths}, logged), run
 
 
 def rerun(run_id: str, tracking_uri: str | None = None, overrides: list[str] | None = None
@@ -55,7 +67,7 @@ def rerun(run_id: str, tracking_uri: str | None = None, overrides: list[str] | N
     from sweeper.tracking import git_state
     from sweeper.trial import run_trial
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    uri = tracking_uri or default_uri()
     cfg, original = logged_config(run_id, uri)
     cfg.tracking.uri = uri
     cfg.tracking.experiment = original.data.params.get("tracking.experiment",
@@ -84,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_id", help="MLflow run id of the trial to re-run")
     parser.add_argument("overrides", nargs="*", help="key=value changes to the logged config")
     parser.add_argument("--tracking-uri", default=None,
-                        help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
+                        help="MLflow store (default: tracking.uri of conf/: $MLFLOW_TRACKING_URI, "
+                             "else mlflow.db under $SWEEPER_OUTPUTS or outputs/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:

@@ -29,8 +29,9 @@ from sweeper._study_mlflow import (
     start_parent,
     summarize,
 )
+from sweeper.config import compose, task_config
 from sweeper.errors import UserError
-from sweeper.tracking import Run, Tracker, config_params
+from sweeper.tracking import Run, State, Tracker, config_params
 
 log = logging.getLogger(__name__)
 
@@ -296,11 +297,11 @@ class StudyRunner:
             lost.append(t)
         return lost
 
-    def _after_lost(self, t: FrozenTrial, reason: str, status: str = "FAILED") -> None:
+    def _after_lost(self, t: FrozenTrial, reason: str, state: State = State.FAILED) -> None:
         log.warning("trial %d %s", t.number, reason)
         try:
             fail_trial_runs(self.tracker, self.parent.run_id, self.name, t.number, reason,
-                            status=status)
+                            state=state)
         except Exception as e:  # noqa: BLE001 - MLflow trouble must not block the study
             log.warning("could not mark the MLflow run of trial %d: %s", t.number, e)
         if self.s.retry_lost and "retry_of" not in t.user_attrs:
@@ -313,7 +314,7 @@ class StudyRunner:
         for trial_id in mine:
             t = self.storage.get_trial(trial_id)
             if t.state == TrialState.RUNNING and _optuna.mark_lost(self.storage, t, reason):
-                self._after_lost(t, reason, status="KILLED")
+                self._after_lost(t, reason, State.KILLED)
 
     def _wait_for_others(self) -> bool:
         """Once this sweep has nothing left to ask: wait on other sweeps' running trials.
@@ -398,12 +399,15 @@ def default_settings() -> DictConfig:
     """The sweep settings of ``conf/hydra/sweeper/optuna.yaml`` with its default groups,
     unresolved (compose the project's config with ``return_hydra_config=True`` for the
     resolved ones)."""
-    from hydra import compose, initialize_config_dir
+    return compose(return_hydra_config=True).hydra.sweeper
 
-    from sweeper.tracking import PROJECT_ROOT
 
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose("config", return_hydra_config=True).hydra.sweeper
+def one_at_a_time(settings: DictConfig, why: str) -> None:
+    """Cap ``settings.n_jobs`` at 1, saying ``why``, when it asks for parallel trials."""
+    if int(settings.n_jobs) > 1:
+        log.warning("hydra.sweeper.n_jobs=%s: running 1 trial at a time (%s).",
+                    settings.n_jobs, why)
+        settings.n_jobs = 1
 
 
 def _apply(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -449,24 +453,18 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
         base = OmegaConf.create(OmegaConf.to_container(base, resolve=False))
         for key, value in dict(sweep).items():
             base[key] = value
-    task = cfg.copy()
-    if "hydra" in task:
-        OmegaConf.set_struct(task, False)
-        task.pop("hydra")
-        OmegaConf.set_struct(task, True)
+    task = task_config(cfg)
     settings = _job.settings_in(task, base)
     OmegaConf.resolve(settings)
-    if int(settings.n_jobs) > 1:
-        # Trials here share one process (and its feature cache and torch threads).
-        log.warning("optimize() runs one trial at a time; for parallel trials run "
-                    "`python -m sweeper.run -m hydra/launcher=joblib hydra.sweeper.n_jobs=%s`, "
-                    "or call optimize() from several processes on the same storage.",
-                    settings.n_jobs)
-        settings.n_jobs = 1
+    # Trials here share one process (and its feature cache and torch threads).
+    one_at_a_time(settings, "optimize() runs its trials in this process; for parallel trials "
+                            "run `python -m sweeper.run -m hydra/launcher=joblib "
+                            f"hydra.sweeper.n_jobs={settings.n_jobs}`, or call optimize() from "
+                            "several processes on the same storage")
 
     def launch(number: int, overrides: list[str]) -> None:
         result = _job.run(_apply(task, overrides), settings, number)
-        if result.get("state") == "failed":
+        if result.get("state") == State.FAILED:
             log.debug("trial %d failed: %s", number, result.get("error"))
 
     runner = StudyRunner(settings, task, launch, arguments)

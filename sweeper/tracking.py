@@ -1,32 +1,119 @@
 """MLflow: where runs go, and how a config, an environment and a result become a run.
 
 The one place that decides how a config becomes MLflow params (flattened dotted keys of the
-resolved config) and which tags describe a run's code and environment.
+resolved config), which tags describe a run (:class:`Tag`, :class:`Kind`), what state a trial
+ends in (:class:`State`) and how the command that trains a trial again is written.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
+from mlflow.entities import Param as MlflowParam
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+from sweeper.config import PROJECT_ROOT, task_config
 
 log = logging.getLogger(__name__)
 for _noisy in ("alembic", "mlflow.store.db.utils"):  # schema set-up chatter on a new store
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 PACKAGES = ("torch", "torchvision", "hydra-core", "optuna", "mlflow")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Tag(StrEnum):
+    """Names of the MLflow tags that code reads back (the report, the study, re-runs)."""
+
+    KIND = "sweeper.kind"  # a Kind
+    STATE = "state"  # a trial's State
+    ERROR = "error"  # why a run failed, was pruned or stopped
+    PARENT = "mlflow.parentRunId"  # MLflow's own: the study's parent run
+    STUDY = "optuna.study_name"
+    TRIAL = "optuna.trial_number"
+    STORAGE = "optuna.storage"  # the study's storage, password hidden
+    OVERRIDES = "overrides"  # the Hydra task overrides, space-separated
+    COMMAND = "command"  # the exact command line that ran
+    RERUN_COMMAND = "rerun_command"  # train_command() of the overrides
+    RERUN_OF = "rerun_of"
+    WEIGHTS = "weights"  # where the backbone's weights came from
+    PRETRAIN_RUN_ID = "pretrain_run_id"
+    CHECKPOINT = "checkpoint"
+
+
+class Kind(StrEnum):
+    """What a run is (tag ``sweeper.kind``)."""
+
+    TRIAL = "trial"
+    STUDY = "study"
+    PRETRAIN = "pretrain"
+
+
+class State(StrEnum):
+    """How a trial ended, as its run's ``state`` tag (and a study's tables) record it."""
+
+    COMPLETE = "complete"
+    PRUNED = "pruned"  # stopped by the study's pruner
+    FAILED = "failed"
+    KILLED = "killed"  # interrupted, or its process was lost before it could tell
+    LOST = "lost"  # finished after another sweep had declared it lost: not in the study
+    RUNNING = "running"
+    WAITING = "waiting"
+
+    @property
+    def status(self) -> str:
+        """The MLflow run status a run ending in this state gets."""
+        return {State.COMPLETE: "FINISHED", State.PRUNED: "KILLED", State.KILLED: "KILLED",
+                State.FAILED: "FAILED"}[self]
+
+    @classmethod
+    def of_status(cls, status: str) -> State:
+        """The state of a run without a ``state`` tag, from its MLflow status."""
+        return {"FINISHED": cls.COMPLETE, "KILLED": cls.PRUNED}.get(status, cls.FAILED)
+
+
+class Param(StrEnum):
+    """Config keys that readers of trial runs (report, re-run, benchmark) look up in a run's
+    params: a param's name is its dotted config key (:func:`config_params`)."""
+
+    UNFROZEN = "freeze.unfrozen"
+    TRANSFERRED = "freeze.transferred"
+    NUM_UNITS = "backbone.num_units"
+    LR_HEAD = "optim.lr_head"
+    LR_BACKBONE = "optim.lr_backbone"
+    SEED = "trainer.seed"
+    EXPERIMENT = "tracking.experiment"
+    DESIGN = "design.name"  # conf/experiment/yosinski.yaml and conf/treatment/
+    TREATMENT = "design.treatment"
+    DESIGN_SWEEP = "design.sweep"
+
+
+_RUN = ["python", "-m", "sweeper.run"]
+
+
+def train_command(overrides: Sequence[str]) -> str:
+    """The command that trains a trial with these Hydra overrides (tag ``rerun_command``)."""
+    return shlex.join([*_RUN, *overrides])
+
+
+def command_overrides(command: str) -> list[str]:
+    """The overrides of a :func:`train_command` (empty for an empty command)."""
+    words = shlex.split(command)
+    if words[:len(_RUN)] != _RUN:
+        raise ValueError(f"not a sweeper.run command: {command!r}")
+    return words[len(_RUN):]
 
 
 def absolute_uri(uri: str) -> str:
@@ -55,8 +142,7 @@ def config_params(cfg: DictConfig, only: tuple[str, ...] | None = None) -> dict[
 
     ``only`` keeps just those top-level keys.
     """
-    tree = OmegaConf.to_container(cfg, resolve=True)
-    tree.pop("hydra", None)
+    tree = OmegaConf.to_container(task_config(cfg), resolve=True)
     if only is not None:
         tree = {k: tree[k] for k in only}
     return {k: str(v) for k, v in flatten(tree).items()}
@@ -102,9 +188,9 @@ class Tracker:
 
     def start(self, name: str, tags: Mapping[str, str] | None = None,
               parent_run_id: str | None = None) -> Run:
-        tags = dict(tags or {})
+        tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[Tag.PARENT.value] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return Run(self.client, run.info.run_id)
 
@@ -117,12 +203,12 @@ class Run:
         self.run_id = run_id
 
     def params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [MlflowParam(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit for params
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def tags(self, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
     def metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
@@ -139,7 +225,14 @@ class Run:
     def text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
 
-    def end(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+    def end(self, status: str = "FINISHED", error: BaseException | str | None = None) -> None:
+        """End the run with MLflow ``status``; ``error`` (an exception or a reason) is tagged."""
         if error is not None:
-            self.tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+            reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
+            self.tags({Tag.ERROR: reason[:5000]})
         self.client.set_terminated(self.run_id, status=status)
+
+    def finish(self, state: State, error: BaseException | str | None = None) -> None:
+        """End a trial's run in ``state``: its ``state`` tag and the matching MLflow status."""
+        self.tags({Tag.STATE: state})
+        self.end(state.status, error)

@@ -1,11 +1,8 @@
-"""The training loop of one trial, and how its time is measured.
+"""The training loop: the trainable suffix on its feeds, evaluated on val after every epoch.
 
-Time is measured in one place, here: ``train_time_s`` is the wall time of the training steps
-(batch gathering + forward + backward + optimizer step), synchronised with the GPU when there
-is one, plus the recorded cost of computing the cached frozen-prefix outputs the loop trains
-on (:mod:`sweeper.cache`), so a trial costs the same whether its cache entries were cold or
-warm; evaluation time (plus its cached val outputs' cost) is kept apart. Both are per epoch
-and summed over the trial.
+One readable loop (:func:`fit`): batch, forward under autocast, backward, optimizer step; the
+epoch's training steps and its evaluation are timed by :mod:`sweeper.timing`, which defines
+every time metric.
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from sweeper.cache import Feed, Feeds, image_feed, sync
+from sweeper import timing
+from sweeper.cache import Feed, Feeds, image_feed
 from sweeper.data import Data, Normalize, Split
 from sweeper.errors import UserError
 from sweeper.freeze import FreezeNet
@@ -37,28 +34,27 @@ class TrainingDiverged(UserError):
 
 @dataclass
 class EpochStats:
+    """One epoch's results; its time metrics are defined in :mod:`sweeper.timing`."""
+
     epoch: int
     train_loss: float
     train_acc: float
     val_acc: float
-    epoch_time_s: float  # training part of the epoch only
+    epoch_time_s: float  # training steps only
     eval_time_s: float
     images_per_s: float
+
+    def metrics(self) -> dict[str, float]:
+        """The per-epoch metrics of a run (MLflow step = epoch)."""
+        return {"train_loss": self.train_loss, "train_acc": self.train_acc,
+                "val_acc": self.val_acc, "epoch_time_s": self.epoch_time_s,
+                "images_per_s": self.images_per_s}
 
 
 @dataclass
 class FitResult:
+    time: timing.TrialTime  # train_time_s, eval_time_s, ...
     epochs: list[EpochStats] = field(default_factory=list)
-    train_fill_s: float = 0.0  # recorded cost of the cached train outputs (0 without a cache)
-    val_fill_s: float = 0.0
-
-    @property
-    def train_time_s(self) -> float:
-        return self.train_fill_s + sum(e.epoch_time_s for e in self.epochs)
-
-    @property
-    def eval_time_s(self) -> float:
-        return self.val_fill_s + sum(e.eval_time_s for e in self.epochs)
 
     @property
     def val_acc(self) -> float:
@@ -126,13 +122,14 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
         device: torch.device, on_epoch: Callable[[EpochStats], None] | None = None,
-        feeds: Feeds | None = None) -> FitResult:
+        feeds: Feeds | None = None, time: timing.TrialTime | None = None) -> FitResult:
     """Train ``model`` on ``data.train`` for ``trainer.epochs``, evaluating on val each epoch.
 
     ``on_epoch`` is called after every epoch with its stats (for logging, progress and
     pruning: it may raise to stop the trial). ``feeds`` says how train and val reach the
     trainable suffix (:func:`sweeper.cache.feeds`: cached frozen-prefix outputs, or images
     through the frozen prefix); without it, images run through the whole model every step.
+    ``time`` collects the epochs' times (default: charged the feeds' fill costs only).
     """
     bs, n = int(trainer.batch_size), len(data.train)
     # A trailing batch of one image breaks BatchNorm in train mode: drop it.
@@ -147,28 +144,25 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
     suffix = torch.compile(model.forward_trainable) if trainer.get("compile") else model.forward_trainable
     gen = torch.Generator().manual_seed(int(trainer.seed))
     loss_fn = nn.CrossEntropyLoss()
-    result = FitResult(train_fill_s=feeds.train.fill_time_s, val_fill_s=feeds.val.fill_time_s)
+    result = FitResult(time if time is not None else feeds.time())
     for epoch in range(int(trainer.epochs)):
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        sync(device)
-        t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen)[:n_used].to(train.rows.device)
-        for start in range(0, n_used, bs):
-            # x: cached prefix outputs, or images that prepare() runs through the frozen prefix
-            x, y = train.batch(order[start:start + bs], device)
-            with _autocast(device, bool(trainer.amp)):
-                logits = suffix(train.prepare(x))
-                loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-        sync(device)
-        epoch_time = time.perf_counter() - t0
+        with timing.measure(device) as steps:
+            order = torch.randperm(n, generator=gen)[:n_used].to(train.rows.device)
+            for start in range(0, n_used, bs):
+                # x: cached prefix outputs, or images that prepare() runs through the frozen prefix
+                x, y = train.batch(order[start:start + bs], device)
+                with _autocast(device, bool(trainer.amp)):
+                    logits = suffix(train.prepare(x))
+                    loss = loss_fn(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
         train_loss = loss_sum.item() / n_used
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
@@ -176,11 +170,11 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
                 f"Lower the learning rates (optim.lr_head={optim.lr_head}, "
                 f"optim.lr_backbone={optim.lr_backbone})."
             )
-        t1 = time.perf_counter()
-        val_acc = evaluate(model, val, normalize, device, bs * 4, bool(trainer.amp))
-        eval_time = time.perf_counter() - t1
-        stats = EpochStats(epoch + 1, train_loss, correct.item() / n_used, val_acc,
-                           epoch_time, eval_time, n_used / epoch_time)
+        with timing.measure(device) as evaluation:
+            val_acc = evaluate(model, val, normalize, device, bs * 4, bool(trainer.amp))
+        result.time.add_epoch(steps.s, evaluation.s)
+        stats = EpochStats(epoch + 1, train_loss, correct.item() / n_used, val_acc, steps.s,
+                           evaluation.s, timing.images_per_s(n_used, steps.s))
         result.epochs.append(stats)
         log.info("epoch %d/%d  loss %.4f  train_acc %.3f  val_acc %.3f  %.2fs  %.0f img/s",
                  stats.epoch, trainer.epochs, stats.train_loss, stats.train_acc, stats.val_acc,

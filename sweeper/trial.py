@@ -7,7 +7,6 @@ import os
 import random
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,25 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper import cache, weights
+from sweeper import cache, timing, weights
 from sweeper import data as data_mod
 from sweeper.errors import UserError
 from sweeper.freeze import FreezeNet
 from sweeper.model import build, check_backbone
 from sweeper.pretrain import source_run_id
-from sweeper.tracking import Run, Tracker, config_params, environment_tags
+from sweeper.tracking import (
+    Kind,
+    Run,
+    State,
+    Tag,
+    Tracker,
+    config_params,
+    environment_tags,
+    train_command,
+)
 from sweeper.train import EpochStats, evaluate, fit, peak_memory_mb, resolve_device
 
 log = logging.getLogger(__name__)
-
-OBJECTIVES = ("val_acc", "train_time_s")
 
 
 def seed_everything(trainer: DictConfig) -> None:
@@ -67,82 +73,88 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     ends it FAILED with the reason in tag ``error``.
     """
     check_backbone(cfg.backbone, cfg.freeze.unfrozen, cfg.freeze.get("transferred"))
-    if (bn_stats := cfg.freeze.get("bn_stats", "source")) not in BN_STATS:
-        raise UserError(f"freeze.bn_stats={bn_stats}: use source (the pretrained statistics) or "
-                        "target (re-estimated on this dataset's training images).")
+    _bn_stats(cfg)
     device = resolve_device(str(cfg.trainer.device))
     overrides, hydra_dir = _hydra_context()
-    unfrozen = int(cfg.freeze.unfrozen)
     run = Tracker(cfg.tracking).start(
-        f"{cfg.backbone.name}-unfrozen{unfrozen}",
-        tags={"sweeper.kind": "trial", **(tags or {})}, parent_run_id=parent_run_id)
+        f"{cfg.backbone.name}-unfrozen{int(cfg.freeze.unfrozen)}",
+        tags={Tag.KIND: Kind.TRIAL, **(tags or {})}, parent_run_id=parent_run_id)
     try:
-        _log_inputs(run, cfg, overrides, hydra_dir)
-        seed_everything(cfg.trainer)
-        data = data_mod.load(cfg.dataset)
-        state, origin = weights.resolve(cfg)
-        run.tags({"weights": origin})
-        if origin.startswith("source:") and (src_run := source_run_id(origin[len("source:"):])):
-            run.tags({"pretrain_run_id": src_run})
-        torch.manual_seed(int(cfg.trainer.seed))  # same head init whatever pretraining consumed
-        model, _ = build(cfg.backbone, len(data.classes), unfrozen, state, origin,
-                         transferred=cfg.freeze.get("transferred"))
-        model.to(device)
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        trainable, frozen = model.count_parameters()
-        run.metrics({"trainable_params": trainable, "frozen_params": frozen})
-        bn_s = adapt_batchnorm(model, data, bn_stats, device, int(cfg.trainer.batch_size))
-        if bn_s is not None:
-            run.metrics({"bn_stats_time_s": bn_s})
-        # Frozen-prefix outputs computed once (or found) here; fit charges their recorded cost.
-        feeds = cache.feeds(model, data, cfg.get("cache"), data_mod.augment(cfg.get("augment")),
-                            device, bool(cfg.trainer.amp))
-        run.tags(feeds.tags())
-        cache_metrics = feeds.metrics()
-        run.metrics(cache_metrics)
-
-        def epoch_done(s: EpochStats) -> None:
-            run.metrics({"train_loss": s.train_loss, "train_acc": s.train_acc,
-                         "val_acc": s.val_acc, "epoch_time_s": s.epoch_time_s,
-                         "images_per_s": s.images_per_s}, step=s.epoch)
-            if on_epoch is not None:
-                on_epoch(s)
-
-        result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=feeds)
-        train_time = result.train_time_s + (bn_s or 0.0)  # the re-estimation is training cost
-        test_acc = evaluate(model, feeds.test, data.normalize.to(device), device,
-                            int(cfg.trainer.batch_size) * 4, bool(cfg.trainer.amp))
-        final = {
-            "val_acc": result.val_acc,
-            "best_val_acc": result.best_val_acc,
-            "test_acc": test_acc,
-            "train_time_s": train_time,
-            "eval_time_s": result.eval_time_s,
-            "time_per_epoch_s": train_time / len(result.epochs),
-            "images_per_s": len(data.train) * len(result.epochs) / train_time,
-            "peak_memory_mb": peak_memory_mb(device),
-        }
-        run.metrics(final, step=len(result.epochs))
-        run.tags({"state": "complete"})
+        log_inputs(run, cfg, overrides, hydra_dir)
+        result = _train_and_test(cfg, run, device, on_epoch)
     except BaseException as e:
-        import optuna
-
-        if isinstance(e, optuna.TrialPruned):
-            run.tags({"state": "pruned"})
-            run.end("KILLED", e)
-        else:
-            run.tags({"state": "killed" if isinstance(e, KeyboardInterrupt) else "failed"})
-            run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", e)
+        run.finish(_ended_by(e), e)
         raise
-    run.end()
+    run.finish(State.COMPLETE)
     log.info("val_acc %.4f  test_acc %.4f  train_time_s %.2f  (MLflow run %s)",
-             final["val_acc"], final["test_acc"], final["train_time_s"], run.run_id)
-    return {**final, **cache_metrics, "trainable_params": trainable, "frozen_params": frozen,
-            "train_steps_s": sum(e.epoch_time_s for e in result.epochs), "run_id": run.run_id}
+             result["val_acc"], result["test_acc"], result["train_time_s"], run.run_id)
+    return {**result, "run_id": run.run_id}
+
+
+def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
+                    on_epoch: Callable[[EpochStats], None] | None) -> dict[str, Any]:
+    """The trial's steps, in data-flow order, each logged to ``run`` as soon as it is known."""
+    seed_everything(cfg.trainer)
+    data = data_mod.load(cfg.dataset)
+    state, origin = weights.resolve(cfg)
+    run.tags({Tag.WEIGHTS: origin})
+    if origin.startswith("source:") and (src_run := source_run_id(origin[len("source:"):])):
+        run.tags({Tag.PRETRAIN_RUN_ID: src_run})
+    torch.manual_seed(int(cfg.trainer.seed))  # same head init whatever pretraining consumed
+    model, _ = build(cfg.backbone, len(data.classes), int(cfg.freeze.unfrozen), state, origin,
+                     transferred=cfg.freeze.get("transferred"))
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    trainable, frozen = model.count_parameters()
+    params = {"trainable_params": trainable, "frozen_params": frozen}
+    run.metrics(params)
+    bn_s = adapt_batchnorm(model, data, _bn_stats(cfg), device, int(cfg.trainer.batch_size))
+    if bn_s is not None:
+        run.metrics({"bn_stats_time_s": bn_s})
+    # Frozen-prefix outputs computed once (or found) here; the trial is charged their cost.
+    feeds = cache.feeds(model, data, cfg.get("cache"), data_mod.augment(cfg.get("augment")),
+                        device, bool(cfg.trainer.amp))
+    time = feeds.time()
+    time.bn_stats_s = bn_s
+    run.tags(feeds.tags())
+    cache_metrics = {**feeds.metrics(), **time.cache_metrics()}
+    run.metrics(cache_metrics)
+
+    def epoch_done(s: EpochStats) -> None:
+        run.metrics(s.metrics(), step=s.epoch)
+        if on_epoch is not None:
+            on_epoch(s)
+
+    result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=feeds,
+                 time=time)
+    test_acc = evaluate(model, feeds.test, data.normalize.to(device), device,
+                        int(cfg.trainer.batch_size) * 4, bool(cfg.trainer.amp))
+    final = {"val_acc": result.val_acc, "best_val_acc": result.best_val_acc, "test_acc": test_acc,
+             **time.totals(), "peak_memory_mb": peak_memory_mb(device)}
+    run.metrics(final, step=len(result.epochs))
+    return {**final, **cache_metrics, **params, "train_steps_s": time.train_steps_s}
+
+
+def _ended_by(error: BaseException) -> State:
+    """The state a trial ends in when ``error`` stops it."""
+    import optuna
+
+    if isinstance(error, optuna.TrialPruned):
+        return State.PRUNED
+    return State.KILLED if isinstance(error, KeyboardInterrupt) else State.FAILED
 
 
 BN_STATS = ("source", "target")
+
+
+def _bn_stats(cfg: DictConfig) -> str:
+    """``freeze.bn_stats``, checked (configs from before it keep the pretrained statistics)."""
+    bn_stats = str(cfg.freeze.get("bn_stats", "source"))
+    if bn_stats not in BN_STATS:
+        raise UserError(f"freeze.bn_stats={bn_stats}: use source (the pretrained statistics) or "
+                        "target (re-estimated on this dataset's training images).")
+    return bn_stats
 
 
 def adapt_batchnorm(model: FreezeNet, data: data_mod.Data, bn_stats: str, device: torch.device,
@@ -154,24 +166,22 @@ def adapt_batchnorm(model: FreezeNet, data: data_mod.Data, bn_stats: str, device
         return None
     normalize = data.normalize.to(device)
     images = data.train.images
-    t0 = time.perf_counter()
-    found = model.adapt_batchnorm(normalize(images[i:i + batch_size].to(device))
-                                  for i in range(0, len(images), batch_size))
-    cache.sync(device)
-    spent = time.perf_counter() - t0
+    with timing.measure(device) as spent:
+        found = model.adapt_batchnorm(normalize(images[i:i + batch_size].to(device))
+                                      for i in range(0, len(images), batch_size))
     log.info("freeze.bn_stats=target: %d frozen BatchNorm layers re-estimated on %d training "
-             "images (%.2fs)", found, len(images), spent)
-    return spent
+             "images (%.2fs)", found, len(images), spent.s)
+    return spent.s
 
 
-def _log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path | None) -> None:
+def log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path | None) -> None:
     """What it takes to understand and re-run the trial: config, overrides, code, versions."""
     run.params(config_params(cfg))
     run.tags({
         **environment_tags(),
-        "overrides": " ".join(overrides),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "rerun_command": shlex.join(["python", "-m", "sweeper.run", *overrides]),
+        Tag.OVERRIDES: " ".join(overrides),
+        Tag.COMMAND: shlex.join([Path(sys.executable).name, *sys.argv]),
+        Tag.RERUN_COMMAND: train_command(overrides),
     })
     run.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     if hydra_dir is not None and hydra_dir.is_dir():

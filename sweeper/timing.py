@@ -1,0 +1,123 @@
+"""Time: the one place that reads the clock and composes a trial's totals from what it measured.
+
+Every duration in the package is taken with :func:`measure`, a stopwatch that waits for the
+GPU's queued work before it starts and before it stops (a no-op on the CPU), and every total
+is composed by :class:`TrialTime`. Each time metric has one definition, the same in a trial
+and in a source pretraining:
+
+=====================  ========================================================================
+metric                 definition
+=====================  ========================================================================
+epoch_time_s           per epoch (step = epoch): wall time of the epoch's training steps
+                       (gathering batches, forward, backward, optimizer step)
+images_per_s           per epoch: images the epoch trained on / its ``epoch_time_s``
+train_time_s           what training the configuration costs on its own: the sum of
+                       ``epoch_time_s``, plus the recorded fill cost of the cached inputs it
+                       trained on, plus ``bn_stats_time_s``; so it does not depend on which
+                       trials filled the cache before
+eval_time_s            the val evaluation after every epoch, plus the recorded fill cost of the
+                       cached val inputs (the final test evaluation is not counted)
+time_per_epoch_s       ``train_time_s`` / epochs
+bn_stats_time_s        re-estimating the frozen BatchNorm statistics (``freeze.bn_stats=target``)
+cache_fill_time_s      time this trial actually spent filling cache entries (0 when all were
+                       found)
+cache_fill_charged_s   the recorded fill costs of the entries the trial uses (train, val, test)
+=====================  ========================================================================
+
+``run_trial`` also returns ``train_steps_s``: the sum of ``epoch_time_s``, without charges. The
+recorded fill cost of a cache entry is the measured time of computing it from the images; for
+an entry derived from a shallower one, the parent's recorded cost plus the derivation
+(:func:`fill_cost`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+def sync(device: torch.device | None) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time measures it (no-op on CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Stopwatch:
+    """Seconds measured by :func:`measure`, set when its block ends."""
+
+    s: float = 0.0
+
+
+@contextmanager
+def measure(device: torch.device | None = None) -> Iterator[Stopwatch]:
+    """Wall time of the enclosed block, including the GPU work it queued on ``device``::
+
+        with measure(device) as steps:
+            train_one_epoch()
+        print(steps.s)
+    """
+    watch = Stopwatch()
+    sync(device)
+    t0 = time.perf_counter()
+    yield watch
+    sync(device)
+    watch.s = time.perf_counter() - t0
+
+
+def fill_cost(spent_s: float, parent_cost_s: float = 0.0) -> float:
+    """The recorded cost of a cache entry: the time spent computing it, plus the recorded
+    cost of the entry it was derived from (0 when computed from the images)."""
+    return parent_cost_s + spent_s
+
+
+def images_per_s(images: int, seconds: float) -> float:
+    """Throughput of training steps: ``images`` trained on in ``seconds``."""
+    return images / seconds
+
+
+@dataclass
+class TrialTime:
+    """The measured parts of a training run's time, and the totals composed from them."""
+
+    train_fill_s: float = 0.0  # recorded fill cost of the cached train inputs (charged)
+    val_fill_s: float = 0.0  # ... of the cached val inputs (charged to evaluation)
+    test_fill_s: float = 0.0  # ... of the cached test inputs (charged to nothing)
+    filled_s: float = 0.0  # time actually spent filling cache entries in this run
+    bn_stats_s: float | None = None  # re-estimating frozen BatchNorm statistics; None: not done
+    steps_s: list[float] = field(default_factory=list)  # each epoch's training steps
+    eval_s: list[float] = field(default_factory=list)  # each epoch's val evaluation
+
+    def add_epoch(self, steps_s: float, eval_s: float) -> None:
+        self.steps_s.append(steps_s)
+        self.eval_s.append(eval_s)
+
+    @property
+    def train_steps_s(self) -> float:
+        return sum(self.steps_s)
+
+    @property
+    def train_time_s(self) -> float:
+        return self.train_steps_s + self.train_fill_s + (self.bn_stats_s or 0.0)
+
+    @property
+    def eval_time_s(self) -> float:
+        return sum(self.eval_s) + self.val_fill_s
+
+    @property
+    def time_per_epoch_s(self) -> float:
+        return self.train_time_s / len(self.steps_s)
+
+    def totals(self) -> dict[str, float]:
+        """The final time metrics of the run (see the table above)."""
+        return {"train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
+                "time_per_epoch_s": self.time_per_epoch_s}
+
+    def cache_metrics(self) -> dict[str, float]:
+        """What the cache cost this run, spent and charged."""
+        return {"cache_fill_time_s": self.filled_s,
+                "cache_fill_charged_s": self.train_fill_s + self.val_fill_s + self.test_fill_s}
