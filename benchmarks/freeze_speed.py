@@ -6,7 +6,7 @@
 naive: the usual PyTorch recipe -- a ``DataLoader`` over a dataset that transforms one image
 at a time, ``requires_grad=False`` on the frozen units, the whole model in train mode, a full
 forward every step, torch's default optimizer implementation over the trainable parameters.
-ours:  ``sweeper.train.fit`` fed by the frozen-prefix cache (``sweeper.cache``), with the
+ours:  ``sweeper.train.fit`` fed by the frozen-prefix cache (``sweeper.feeds``), with the
 batched data path and the fused optimizer step of ``conf/optim``.
 
 Same images, epochs, batch size, seeds, optimizer and hyperparameters. Prints, per depth
@@ -44,14 +44,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from sweeper import cache, weights
 from sweeper import data as data_mod
-from sweeper._job import settings_in
-from sweeper._optuna import make_sampler
-from sweeper._space import parse
+from sweeper import feeds
 from sweeper.config import compose, task_config
-from sweeper.freeze import FreezeNet
-from sweeper.model import build
+from sweeper.model import FreezeNet, build
+from sweeper.pretrain import resolve_weights
+from sweeper.study import make_sampler, parse_space, settings_in
 from sweeper.tracking import Param, Tag, Tracker
 from sweeper.train import fit, make_optimizer, resolve_device
 from sweeper.trial import adapt_batchnorm, log_inputs, run_trial, seed_everything
@@ -154,7 +152,7 @@ def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
     log_inputs(run, cfg, [], None)  # the same MLflow writes as run_trial
     seed_everything(cfg.trainer)
     data = data_mod.load(cfg.dataset)
-    state, origin = weights.resolve(cfg)
+    state, origin = resolve_weights(cfg)
     torch.manual_seed(int(cfg.trainer.seed))
     net, _ = build(cfg.backbone, len(data.classes), int(cfg.freeze.unfrozen), state, origin)
     times, val_acc = [], 0.0
@@ -183,10 +181,10 @@ def ours_net(cfg: DictConfig, data: data_mod.Data, state, origin: str, unfrozen:
 
 
 def ours_fit(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device, on_epoch):
-    feeds = cache.feeds(net, data, cfg.cache, data_mod.augment(cfg.get("augment")), device,
-                        bool(cfg.trainer.amp))
-    result = fit(net, data, cfg.trainer, cfg.optim, device, on_epoch=on_epoch, feeds=feeds)
-    return [e.epoch_time_s for e in result.epochs], result.val_acc, feeds
+    fed = feeds.for_trial(net, data, cfg.cache, data_mod.augment(cfg.get("augment")), device,
+                          bool(cfg.trainer.amp))
+    result = fit(net, data, cfg.trainer, cfg.optim, device, on_epoch=on_epoch, feeds=fed)
+    return [e.epoch_time_s for e in result.epochs], result.val_acc, fed
 
 
 # --- the parts -----------------------------------------------------------------------------
@@ -200,7 +198,7 @@ def depth_table(cfg: DictConfig, opts: argparse.Namespace) -> None:
                                      f"cache.dir={opts.work}/cache-table"])
             for seed in seeds}
     data = data_mod.load(cfg.dataset)
-    state, origin = weights.resolve(cfg)
+    state, origin = resolve_weights(cfg)
     print(f"{cfg.backbone.name}, {n} freeze units, {cfg.dataset.name} {cfg.dataset.image_size}px, "
           f"{len(data.train)} train / {len(data.val)} val images, {cfg.trainer.epochs} epochs, "
           f"batch {cfg.trainer.batch_size}, {device.type} x{torch.get_num_threads()} threads, "
@@ -222,14 +220,14 @@ def depth_table(cfg: DictConfig, opts: argparse.Namespace) -> None:
             # Lockstep: one naive epoch after each of ours, so both see the same machine load.
             naive = naive_epochs(net_naive, data, c, device, opts)
             naive_runs = []
-            times, acc, feeds = ours_fit(net_ours, data, c, device,
+            times, acc, fed = ours_fit(net_ours, data, c, device,
                                          on_epoch=lambda _s, g=naive, r=naive_runs: r.append(next(g)))
             naive_times += [t for t, _ in naive_runs]
             ours_times += times
             ratios += [tn / to for (tn, _), to in zip(naive_runs, times, strict=True)]
             accs["naive"].append(naive_runs[-1][1])
             accs["ours"].append(acc)
-            fill = feeds.train.fill_time_s
+            fill = fed.train.fill_time_s
             # Accuracy only: the same trial with freeze.bn_stats=target (AdaBN)
             net_bn = ours_net(c, data, state, origin, unfrozen, device, "target")
             accs["ours+bn"].append(ours_fit(net_bn, data, c, device, on_epoch=None)[1])
@@ -315,7 +313,7 @@ def default_study(workers: Workers, base: list[str], n_trials: int | None) -> li
     task = task_config(full)
     settings = settings_in(task, full.hydra.sweeper)
     OmegaConf.resolve(settings)
-    space = parse(settings.params, settings.get("conditions") or {})
+    space = parse_space(settings.params, settings.get("conditions") or {})
     objectives = {str(k): str(v) for k, v in settings.objectives.items()}
     study = optuna.create_study(directions=list(objectives.values()),
                                 sampler=make_sampler(settings.get("sampler")))
@@ -347,7 +345,7 @@ def budget_check(overrides: list[str]) -> None:
     result = run_trial(cfg)
     feeds_mb = result["cache_bytes"] / 2**20
     print(json.dumps({"budget_mb": budget_mb, "features_mb": feeds_mb,
-                      "resident_mb": cache.MEMORY.nbytes / 2**20, "val_acc": result["val_acc"],
+                      "resident_mb": feeds.MEMORY.nbytes / 2**20, "val_acc": result["val_acc"],
                       "mapped_mb": result["cache_mapped_bytes"] / 2**20}))
 
 
@@ -394,7 +392,7 @@ def main() -> None:
     if args.epochs:
         base.append(f"trainer.epochs={args.epochs}")
     cfg = compose(overrides=[*base, f"cache.dir={work}/cache-table"])
-    weights.resolve(cfg)  # pretrain the source checkpoint first if needed: not part of any timing
+    resolve_weights(cfg)  # pretrain the source checkpoint first if needed: not part of any timing
     if not args.study_only:
         depth_table(cfg, args)
         budget_check_line(base, work)

@@ -1,17 +1,24 @@
 """sweeper: measure how many layers of a pretrained network to freeze when fine-tuning.
 
-The data flow, one module each: config (``conf/``) -> :mod:`sweeper.backbones` (families cut
-into freeze units) + :mod:`sweeper.weights` / :mod:`sweeper.pretrain` -> :mod:`sweeper.freeze`
-(the frozen prefix) -> :mod:`sweeper.data` -> :mod:`sweeper.cache` (frozen-prefix outputs)
--> :mod:`sweeper.train` (the loop and its timing) -> :mod:`sweeper.tracking` (MLflow);
-:mod:`sweeper.trial` ties one trial together and :mod:`sweeper.run` is the Hydra entry point.
-:mod:`sweeper.study` runs an Optuna study over trials (``optimize``), :mod:`sweeper.report`
-turns a study into a recommendation, :mod:`sweeper.rerun` re-runs a logged trial.
+The data flow, and where each step lives: config (``conf/``, found and composed by
+:mod:`sweeper.config`) -> :mod:`sweeper.model` (a backbone cut into freeze units, its weights,
+the frozen prefix; ``weights=source`` pretrained by :mod:`sweeper.pretrain`) ->
+:mod:`sweeper.data` -> :mod:`sweeper.feeds` (the frozen-prefix cache) -> :mod:`sweeper.train`
+(the loop; every time metric defined in :mod:`sweeper.timing`) -> :mod:`sweeper.tracking`
+(MLflow). :mod:`sweeper.trial` runs one trial end to end; :mod:`sweeper.study` an Optuna
+study of trials (its storage: :mod:`sweeper.storage`); :mod:`sweeper.report` turns a study
+into a recommendation. Entry points: ``python -m sweeper.run`` (a trial, or ``-m`` a study),
+``python -m sweeper.report``, ``python -m sweeper.rerun``.
+
+The public API::
+
+    from sweeper import build, run_trial, optimize, make_report
 """
 
 from sweeper import config  # noqa: F401 - registers the config resolvers before any compose
-from sweeper.freeze import FreezeNet
-from sweeper.model import build
+from sweeper.model import FreezeNet, build
+from sweeper.report import make_report
+from sweeper.study import optimize
 from sweeper.trial import run_trial
 
-__all__ = ["FreezeNet", "build", "run_trial"]
+__all__ = ["FreezeNet", "build", "make_report", "optimize", "run_trial"]

@@ -1,11 +1,18 @@
-"""``weights: source``: pretrain the backbone on a source task here, once, and reuse it.
+"""A trial's pretrained weights: ``backbone.weights`` resolved, pretraining here for ``source``.
 
-The offline stand-in for ImageNet weights. The default source/target pair follows the AnB
-design of Yosinski et al. (2014) on Fashion-MNIST: pretrain on classes 0-4 (A), transfer to
-classes 5-9 (B). The checkpoint is cached under ``paths.pretrained`` keyed by a hash of
-everything that determines it (backbone, source data, optimiser, epochs, seed), written
-atomically under a file lock so parallel trials pretrain once, and its pretraining is logged
-as an MLflow run of its own (tag ``sweeper.kind=pretrain``).
+``backbone.weights`` is one of
+
+- ``source``: the backbone pretrained here on a source task, once, and reused: the offline
+  stand-in for ImageNet weights. The default source/target pair follows the AnB design of
+  Yosinski et al. (2014) on Fashion-MNIST: pretrain on classes 0-4 (A), transfer to classes
+  5-9 (B). The checkpoint is cached under ``paths.pretrained`` keyed by a hash of everything
+  that determines it (backbone, source data, optimiser, epochs, seed), written atomically
+  under a file lock so parallel trials pretrain once, and its pretraining is logged as an
+  MLflow run of its own (tag ``sweeper.kind=pretrain``);
+- ``DEFAULT`` or an enum name such as ``IMAGENET1K_V1``: torchvision's weights
+  (:func:`sweeper.model.from_torchvision`);
+- a path to a state dict of the torchvision architecture (:func:`sweeper.model.from_file`);
+- ``none``: random initialisation (training from scratch).
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import data as data_mod
-from sweeper.model import backbone_kwargs, build
+from sweeper.model import (
+    FAMILIES,
+    StateDict,
+    backbone_kwargs,
+    build,
+    from_file,
+    from_torchvision,
+)
 from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
 from sweeper.train import evaluate, fit, resolve_device
 
@@ -29,6 +43,32 @@ log = logging.getLogger(__name__)
 
 # Where the data comes from does not change the checkpoint: leave it out of the key.
 _NOT_IN_KEY = ("root", "debian_dir", "download")
+_SOURCE = "source:"  # the origin of source-pretrained weights: "source:<checkpoint path>"
+
+
+def resolve_weights(cfg: DictConfig) -> tuple[StateDict | None, str]:
+    """The state dict that ``cfg.backbone.weights`` asks for, and a description of its origin
+    (tag ``weights``); ``source`` pretrains the checkpoint first if it is not there yet."""
+    weights = cfg.backbone.weights
+    name = cfg.backbone.name
+    if weights is None or str(weights).lower() == "none":
+        return None, "none"
+    weights = str(weights)
+    if weights == "source":
+        path = source_checkpoint(cfg)
+        return from_file(path), f"{_SOURCE}{path}"
+    if "/" in weights or weights.endswith((".pt", ".pth", ".bin")) or Path(weights).exists():
+        return from_file(weights), weights
+    return from_torchvision(name, weights), f"torchvision:{FAMILIES[name].weights_enum.__name__}.{weights}"
+
+
+def pretrain_run_id(origin: str) -> str | None:
+    """The MLflow run that pretrained the weights of ``origin`` (from :func:`resolve_weights`),
+    when they were pretrained here and its record is there."""
+    if not origin.startswith(_SOURCE):
+        return None
+    meta = Path(origin[len(_SOURCE):]).with_suffix(".json")
+    return json.loads(meta.read_text()).get("mlflow_run_id") if meta.exists() else None
 
 
 def checkpoint_key(cfg: DictConfig) -> dict:
@@ -65,12 +105,6 @@ def source_checkpoint(cfg: DictConfig) -> Path:
             log.warning("Rebuilding unreadable source checkpoint %s", path)
         _pretrain(cfg, path)
     return path
-
-
-def source_run_id(path: str | os.PathLike) -> str | None:
-    """The MLflow run that produced a source checkpoint, if its record is there."""
-    meta = Path(path).with_suffix(".json")
-    return json.loads(meta.read_text()).get("mlflow_run_id") if meta.exists() else None
 
 
 def _pretrain(cfg: DictConfig, path: Path) -> None:

@@ -103,6 +103,11 @@ class Param(StrEnum):
 _RUN = ["python", "-m", "sweeper.run"]
 
 
+def command_line() -> str:
+    """The exact command line of this process (tag ``command``)."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
 def train_command(overrides: Sequence[str]) -> str:
     """The command that trains a trial with these Hydra overrides (tag ``rerun_command``)."""
     return shlex.join([*_RUN, *overrides])

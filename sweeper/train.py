@@ -20,10 +20,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from sweeper import timing
-from sweeper.cache import Feed, Feeds, image_feed
 from sweeper.data import Data, Normalize, Split
 from sweeper.errors import UserError
-from sweeper.freeze import FreezeNet
+from sweeper.feeds import Feed, Feeds, image_feed
+from sweeper.model import FreezeNet
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
 
     ``on_epoch`` is called after every epoch with its stats (for logging, progress and
     pruning: it may raise to stop the trial). ``feeds`` says how train and val reach the
-    trainable suffix (:func:`sweeper.cache.feeds`: cached frozen-prefix outputs, or images
+    trainable suffix (:func:`sweeper.feeds.for_trial`: cached frozen-prefix outputs, or images
     through the frozen prefix); without it, images run through the whole model every step.
     ``time`` collects the epochs' times (default: charged the feeds' fill costs only).
     """

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,18 +13,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper import cache, timing, weights
 from sweeper import data as data_mod
+from sweeper import feeds, timing
 from sweeper.errors import UserError
-from sweeper.freeze import FreezeNet
-from sweeper.model import build, check_backbone
-from sweeper.pretrain import source_run_id
+from sweeper.model import FreezeNet, build, check_backbone
+from sweeper.pretrain import pretrain_run_id, resolve_weights
 from sweeper.tracking import (
     Kind,
     Run,
     State,
     Tag,
     Tracker,
+    command_line,
     config_params,
     environment_tags,
     train_command,
@@ -96,16 +94,7 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
     """The trial's steps, in data-flow order, each logged to ``run`` as soon as it is known."""
     seed_everything(cfg.trainer)
     data = data_mod.load(cfg.dataset)
-    state, origin = weights.resolve(cfg)
-    run.tags({Tag.WEIGHTS: origin})
-    if origin.startswith("source:") and (src_run := source_run_id(origin[len("source:"):])):
-        run.tags({Tag.PRETRAIN_RUN_ID: src_run})
-    torch.manual_seed(int(cfg.trainer.seed))  # same head init whatever pretraining consumed
-    model, _ = build(cfg.backbone, len(data.classes), int(cfg.freeze.unfrozen), state, origin,
-                     transferred=cfg.freeze.get("transferred"))
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model = _model(cfg, run, len(data.classes), device)
     trainable, frozen = model.count_parameters()
     params = {"trainable_params": trainable, "frozen_params": frozen}
     run.metrics(params)
@@ -113,12 +102,12 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
     if bn_s is not None:
         run.metrics({"bn_stats_time_s": bn_s})
     # Frozen-prefix outputs computed once (or found) here; the trial is charged their cost.
-    feeds = cache.feeds(model, data, cfg.get("cache"), data_mod.augment(cfg.get("augment")),
-                        device, bool(cfg.trainer.amp))
-    time = feeds.time()
+    fed = feeds.for_trial(model, data, cfg.get("cache"), data_mod.augment(cfg.get("augment")),
+                          device, bool(cfg.trainer.amp))
+    time = fed.time()
     time.bn_stats_s = bn_s
-    run.tags(feeds.tags())
-    cache_metrics = {**feeds.metrics(), **time.cache_metrics()}
+    run.tags(fed.tags())
+    cache_metrics = {**fed.metrics(), **time.cache_metrics()}
     run.metrics(cache_metrics)
 
     def epoch_done(s: EpochStats) -> None:
@@ -126,14 +115,29 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
         if on_epoch is not None:
             on_epoch(s)
 
-    result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=feeds,
+    result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=fed,
                  time=time)
-    test_acc = evaluate(model, feeds.test, data.normalize.to(device), device,
+    test_acc = evaluate(model, fed.test, data.normalize.to(device), device,
                         int(cfg.trainer.batch_size) * 4, bool(cfg.trainer.amp))
     final = {"val_acc": result.val_acc, "best_val_acc": result.best_val_acc, "test_acc": test_acc,
              **time.totals(), "peak_memory_mb": peak_memory_mb(device)}
     run.metrics(final, step=len(result.epochs))
     return {**final, **cache_metrics, **params, "train_steps_s": time.train_steps_s}
+
+
+def _model(cfg: DictConfig, run: Run, num_classes: int, device: torch.device) -> FreezeNet:
+    """The trial's model on ``device``, its weights' origin tagged on ``run``."""
+    state, origin = resolve_weights(cfg)
+    run.tags({Tag.WEIGHTS: origin})
+    if pretrained_by := pretrain_run_id(origin):
+        run.tags({Tag.PRETRAIN_RUN_ID: pretrained_by})
+    torch.manual_seed(int(cfg.trainer.seed))  # same head init whatever pretraining consumed
+    model, _ = build(cfg.backbone, num_classes, int(cfg.freeze.unfrozen), state, origin,
+                     transferred=cfg.freeze.get("transferred"))
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _ended_by(error: BaseException) -> State:
@@ -180,7 +184,7 @@ def log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path 
     run.tags({
         **environment_tags(),
         Tag.OVERRIDES: " ".join(overrides),
-        Tag.COMMAND: shlex.join([Path(sys.executable).name, *sys.argv]),
+        Tag.COMMAND: command_line(),
         Tag.RERUN_COMMAND: train_command(overrides),
     })
     run.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweeper import cache
 from sweeper import data as data_mod
+from sweeper import feeds as cache
 from sweeper.errors import UserError
 from sweeper.model import build
 from sweeper.train import fit
@@ -52,7 +52,7 @@ def _trained(make_cfg, *overrides: str, feed: str, unfrozen: int = 3):
     cpu = torch.device("cpu")
     feeds = None
     if feed == "cached":
-        feeds = cache.feeds(model, data, cfg.cache, None, cpu)
+        feeds = cache.for_trial(model, data, cfg.cache, None, cpu)
         assert feeds.train.cached and feeds.val.cached
     elif feed == "fp16-rounded":
         feeds = cache.Feeds(*(cache.image_feed(model, s, data.normalize, cpu)
@@ -113,7 +113,7 @@ import sys, time
 from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
-from sweeper import cache, data as data_mod
+from sweeper import data as data_mod, feeds as cache
 from sweeper.model import build
 conf, go, out, *overrides = sys.argv[1:]
 with initialize_config_dir(config_dir=conf, version_base="1.3"):
@@ -124,7 +124,7 @@ model, _ = build(cfg.backbone, len(data.classes), 2, None)
 Path(out + ".ready").touch()
 while not Path(go).exists():
     time.sleep(0.002)
-feeds = cache.feeds(model, data, cfg.cache, None, torch.device("cpu"))
+feeds = cache.for_trial(model, data, cfg.cache, None, torch.device("cpu"))
 torch.save(feeds.train.rows.clone(), out)
 print(feeds.train.source)
 """
@@ -173,7 +173,7 @@ def test_a_truncated_or_corrupt_entry_is_rebuilt(make_cfg, outputs, caplog):
         else:
             raw[-1] ^= 0xFF
         path.write_bytes(bytes(raw))
-        with caplog.at_level(logging.WARNING, logger="sweeper.cache"):
+        with caplog.at_level(logging.WARNING, logger="sweeper.feeds"):
             again, _ = cache.prefix_outputs(_prefix(cfg, model, data), 4, directory)
         assert again.source == "filled", damage
         assert "Rebuilding corrupt or stale cache entry" in caplog.text
@@ -189,7 +189,7 @@ def test_cache_on_with_random_augmentation_is_a_config_error(make_cfg, cli):
     data = data_mod.load(cfg.dataset)
     model = _model(cfg, data, 2)
     with pytest.raises(UserError, match="cache.mode=on, but the train transform is random"):
-        cache.feeds(model, data, cfg.cache, data_mod.augment(cfg.augment), torch.device("cpu"))
+        cache.for_trial(model, data, cfg.cache, data_mod.augment(cfg.augment), torch.device("cpu"))
     done = cli("cache.mode=on", "augment=crop_flip")
     assert done.returncode == 1
     assert "cannot be cached" in done.stderr and "Traceback" not in done.stderr
@@ -198,7 +198,7 @@ def test_cache_on_with_random_augmentation_is_a_config_error(make_cfg, cli):
 def test_cache_auto_with_random_augmentation_caches_val_and_test_only(make_cfg, caplog,
                                                                       mlflow_client):
     cfg = make_cfg("augment=crop_flip")
-    with caplog.at_level(logging.INFO, logger="sweeper.cache"):
+    with caplog.at_level(logging.INFO, logger="sweeper.feeds"):
         result = run_trial(cfg)
     assert "train runs through the frozen prefix, augment is random" in caplog.text
     tags = mlflow_client.get_run(result["run_id"]).data.tags

@@ -7,8 +7,8 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from sweeper.backbones import FAMILIES
 from sweeper.config import CONF_DIR, PROJECT_ROOT, compose
+from sweeper.model import FAMILIES
 from sweeper.rerun import default_uri
 from sweeper.tracking import Param, command_overrides, flatten, train_command
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sweeper import backbones
-from sweeper.model import build
+from sweeper.model import FAMILIES, build
 from sweeper.train import make_optimizer
 
 CONF = OmegaConf.create
@@ -44,20 +43,20 @@ def _train_steps(model, steps: int = 2) -> None:
     return opt
 
 
-@pytest.mark.parametrize("name", list(backbones.FAMILIES))
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_units_cover_every_parameter_once(name):
     model, tv_model = build(_backbone(name, _num_units(name)), 3, 0, None)
     seen = [id(p) for unit in model.units for p in unit.parameters()]
     seen += [id(p) for p in model.head.parameters()]
     assert len(seen) == len(set(seen)), "a parameter belongs to two units"
-    replaced = backbones.FAMILIES[name].replaced_keys
+    replaced = FAMILIES[name].replaced_keys
     backbone_params = {id(p) for k, p in tv_model.named_parameters() if not k.startswith(replaced)}
     unit_params = {id(p) for unit in model.units for p in unit.parameters()}
     assert unit_params == backbone_params
     assert model.num_units == _num_units(name) == len(model.unit_names)
 
 
-@pytest.mark.parametrize("name", list(backbones.FAMILIES))
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_frozen_prefix_does_not_move_and_the_rest_trains(name):
     torch.manual_seed(0)
     n = _num_units(name)
@@ -108,7 +107,7 @@ def test_extreme_depths(unfrozen):
     assert frozen_count == sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("name", list(backbones.FAMILIES))
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_units_compute_the_torchvision_forward(name):
     """Cutting into units changes nothing: their composition is torchvision's own network."""
     torch.manual_seed(0)
@@ -116,7 +115,7 @@ def test_units_compute_the_torchvision_forward(name):
     tv_model.eval()
     model.eval()
     head = model.head[-1] if isinstance(model.head, torch.nn.Sequential) else model.head
-    classifier = tv_model.get_submodule(backbones.FAMILIES[name].replaced_keys.rstrip("."))
+    classifier = tv_model.get_submodule(FAMILIES[name].replaced_keys.rstrip("."))
     head.load_state_dict(classifier.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), tv_model(x), rtol=1e-4, atol=1e-4)

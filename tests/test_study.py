@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
-from sweeper._space import parse
 from sweeper.errors import UserError
+from sweeper.study import parse_space as parse
 from tests.conftest import CONF, ROOT, TINY
 
 STUDY = "freeze-resnet18-fake"  # the default study name under TINY
@@ -152,7 +152,7 @@ def tiny_cfg(outputs: Path, *overrides: str):
 def test_configs_build(outputs, sampler, pruner):
     from omegaconf import OmegaConf
 
-    from sweeper import _optuna
+    from sweeper import study as _optuna  # its sampler and pruner builders
 
     cfg = tiny_cfg(outputs, f"hydra/sweeper/sampler={sampler}", f"hydra/sweeper/pruner={pruner}")
     s = OmegaConf.create(OmegaConf.to_container(cfg.hydra.sweeper, resolve=True))

@@ -40,7 +40,7 @@ def finish(proc: subprocess.Popen, outputs: Path, log_name: str = "sweep",
 
 def test_no_barrier_with_joblib(outputs, mlflow_client):
     """n_jobs=2: while one long trial runs, the other worker runs all the short ones."""
-    from sweeper._optuna import open_storage
+    from sweeper.storage import open_storage
 
     study = optuna.create_study(study_name=STUDY, directions=["maximize", "minimize"],
                                 storage=open_storage(str(outputs / "optuna" / "journal.log")))

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeper._optuna import rdb_url
+from sweeper.storage import rdb_url
 from tests.test_study import STUDY, check_consistent, study_runs
 from tests.test_study_parallel import finish, start
 

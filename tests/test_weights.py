@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from sweeper import weights
 from sweeper.errors import UserError
-from sweeper.model import build
+from sweeper.model import build, load_into
+from sweeper.pretrain import resolve_weights
 
 
 def _cached_file(torch_home, enum) -> str:
@@ -26,14 +26,14 @@ def test_default_weights_load_from_torchvision_cache(make_cfg, tmp_path, monkeyp
     torch.save(reference.state_dict(), path)
 
     cfg = make_cfg("backbone.weights=DEFAULT")
-    state, origin = weights.resolve(cfg)
+    state, origin = resolve_weights(cfg)
     assert origin == "torchvision:ResNet18_Weights.DEFAULT"
     model, tv_model = build(cfg.backbone, 3, 2, state, origin)
     for key, value in reference.state_dict().items():
         if not key.startswith("fc."):
             assert torch.equal(tv_model.state_dict()[key], value), key
     # The same through an enum name.
-    state, _ = weights.resolve(make_cfg("backbone.weights=IMAGENET1K_V1"))
+    state, _ = resolve_weights(make_cfg("backbone.weights=IMAGENET1K_V1"))
     assert torch.equal(state["conv1.weight"], reference.conv1.weight)
 
 
@@ -42,14 +42,14 @@ def test_offline_download_names_the_file_and_where_to_put_it(make_cfg, tmp_path,
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens: offline at once
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     with pytest.raises(UserError) as err:
-        weights.resolve(make_cfg("backbone.weights=DEFAULT"))
+        resolve_weights(make_cfg("backbone.weights=DEFAULT"))
     expected = _cached_file(tmp_path / "torch", torchvision.models.ResNet18_Weights.DEFAULT)
     assert expected in str(err.value)
 
 
 def test_unknown_weights_name_lists_the_valid_ones(make_cfg):
     with pytest.raises(UserError, match="IMAGENET1K_V1"):
-        weights.resolve(make_cfg("backbone.weights=IMAGENET9K"))
+        resolve_weights(make_cfg("backbone.weights=IMAGENET9K"))
 
 
 def test_local_state_dict_file(make_cfg, tmp_path):
@@ -57,7 +57,7 @@ def test_local_state_dict_file(make_cfg, tmp_path):
     path = tmp_path / "mine.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
     cfg = make_cfg(f"backbone.weights={path}")
-    state, origin = weights.resolve(cfg)
+    state, origin = resolve_weights(cfg)
     _, tv_model = build(cfg.backbone, 3, 0, state, origin)
     assert torch.equal(tv_model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
 
@@ -66,14 +66,14 @@ def test_weights_that_do_not_fit_are_refused(make_cfg, tmp_path):
     path = tmp_path / "resnet50.pt"
     torch.save(torchvision.models.resnet50().state_dict(), path)
     cfg = make_cfg(f"backbone.weights={path}")
-    state, origin = weights.resolve(cfg)
+    state, origin = resolve_weights(cfg)
     with pytest.raises(UserError, match="do not fit backbone resnet18"):
         build(cfg.backbone, 3, 0, state, origin)
 
 
 def test_missing_weights_file(make_cfg, tmp_path):
     with pytest.raises(UserError, match="no such file"):
-        weights.resolve(make_cfg(f"backbone.weights={tmp_path}/nope.pt"))
+        resolve_weights(make_cfg(f"backbone.weights={tmp_path}/nope.pt"))
 
 
 def test_vit_weights_for_another_image_size_are_resampled(make_cfg, tmp_path):
@@ -88,7 +88,7 @@ def test_vit_weights_for_another_image_size_are_resampled(make_cfg, tmp_path):
     state = dict(big.state_dict())
     cfg = make_cfg("backbone=vit_b_16")
     small = vit(32)
-    weights.load_into(small, "vit_b_16", state, "test")
+    load_into(small, "vit_b_16", state, "test")
     assert small.encoder.pos_embedding.shape == (1, 5, 768)
     assert torch.equal(small.conv_proj.weight, big.conv_proj.weight)
     assert cfg.backbone.kwargs.image_size == 32

@@ -18,9 +18,9 @@ class OptunaSweeper(Sweeper):
     """Optuna 5 study over the search space in ``hydra.sweeper.params``; see :mod:`sweeper.study`."""
 
     def __init__(self, **settings: Any) -> None:  # settings are read from the config in setup
-        from sweeper._hydra_sweeper import SweeperImpl
+        from sweeper.study import HydraSweeper
 
-        self._impl = SweeperImpl()
+        self._impl = HydraSweeper()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:

@@ -11,52 +11,43 @@ import logging
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from sweeper import _optuna
-from sweeper._study_mlflow import fail_trial_runs, trial_runs, trial_tags
+from sweeper.storage import open_storage
+from sweeper.study import _trials
+from sweeper.study._mlflow import trial_runs, trial_tags
+from sweeper.study._settings import make_pruner, settings_in
 from sweeper.tracking import Run, State, Tag, Tracker
 from sweeper.train import EpochStats
 from sweeper.trial import run_trial
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sweeper.study")
 
 
-def hydra_trial() -> tuple[DictConfig, int] | None:
-    """The resolved sweep settings and trial number when this Hydra job is a study's trial."""
+def hydra_trial(cfg: DictConfig) -> tuple[DictConfig, int] | None:
+    """When this Hydra job is a trial of a study: the study's settings (resolved against the
+    task config ``cfg``) and the trial's number; else None."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return None
-    hc = HydraConfig.get()
-    sweeper = hc.get("sweeper")
+    sweeper = HydraConfig.get().get("sweeper")
     if sweeper is None or sweeper.get("trial") is None:
         return None
-    return sweeper, int(sweeper.trial)
+    return settings_in(cfg, sweeper), int(sweeper.trial)
 
 
-def settings_in(cfg: DictConfig, sweeper: DictConfig) -> DictConfig:
-    """``sweeper`` (the ``hydra.sweeper`` node) resolved against the task config ``cfg``.
-
-    A job sees the task config and the Hydra config apart; interpolations such as
-    ``${paths.outputs}`` or ``${trainer.epochs}`` in the sweeper node need both.
-    """
-    tree = OmegaConf.to_container(cfg, resolve=False)
-    tree["hydra"] = {"sweeper": OmegaConf.to_container(sweeper, resolve=False)}
-    return OmegaConf.create(tree).hydra.sweeper
-
-
-def run(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:
+def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:
     """Train trial ``number`` of the study in ``settings`` with config ``cfg``; tell Optuna.
 
     Returns the trial's metrics with ``state`` (complete, pruned or failed) and ``error``.
     """
-    storage = _optuna.open_storage(str(settings.storage))
+    storage = open_storage(str(settings.storage))
     name = str(settings.study_name)
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=optuna.samplers.RandomSampler(),
-                              pruner=_optuna.make_pruner(settings.get("pruner")))
+                              pruner=make_pruner(settings.get("pruner")))
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(name), number)
     trial = optuna.Trial(study, trial_id)
@@ -64,11 +55,11 @@ def run(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:
     objectives = list(settings.objectives)
     prune = len(objectives) == 1 and not isinstance(study.pruner, optuna.pruners.NopPruner)
     epochs = int(cfg.trainer.epochs)
-    heartbeat = _optuna.Heartbeat(storage, float(settings.heartbeat_interval))
+    heartbeat = _trials.Heartbeat(storage, float(settings.heartbeat_interval))
     heartbeat.add(trial_id)
 
     def on_epoch(s: EpochStats) -> None:
-        storage.set_trial_system_attr(trial_id, _optuna.PROGRESS,
+        storage.set_trial_system_attr(trial_id, _trials.PROGRESS,
                                       {"epoch": s.epoch, "epochs": epochs, "val_acc": s.val_acc})
         if prune:
             trial.report(s.val_acc, s.epoch)
@@ -89,11 +80,7 @@ def run(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any failure of the trial is recorded, not fatal
         reason = f"{type(e).__name__}: {e}"
         log.error("trial %d failed: %s", number, reason, exc_info=True)
-        trial.set_user_attr("error", reason[:2000])
-        run_id = fail_trial_runs(tracker, parent, name, number, reason)
-        if run_id:
-            trial.set_user_attr("mlflow_run_id", run_id)
-        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        _trials.fail(study, storage, trial_id, number, reason, tracker, parent)
         return {"state": State.FAILED, "error": reason}
     finally:
         heartbeat.close()

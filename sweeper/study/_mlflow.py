@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
-import shlex
-import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.tracking import Kind, Run, State, Tag, Tracker, environment_tags
-
-log = logging.getLogger(__name__)
+from sweeper.tracking import Kind, Run, State, Tag, Tracker, command_line, environment_tags
 
 STATE = {TrialState.COMPLETE: State.COMPLETE, TrialState.PRUNED: State.PRUNED,
          TrialState.FAIL: State.FAILED, TrialState.RUNNING: State.RUNNING,
@@ -70,7 +64,7 @@ def start_parent(tracker: Tracker, study_name: str, storage: str, params: Mappin
         Tag.STUDY: study_name,
         Tag.STORAGE: storage,
         Tag.OVERRIDES: " ".join(overrides),
-        Tag.COMMAND: shlex.join([Path(sys.executable).name, *sys.argv]),
+        Tag.COMMAND: command_line(),
         **environment_tags(),
     })
     run.params(params)

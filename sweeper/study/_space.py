@@ -104,7 +104,7 @@ class Space:
                 *(f"{k}={v}" for k, v in self.fixed.items())]
 
 
-def parse(params: Mapping[str, Any], conditions: Mapping[str, str] | None = None,
+def parse_space(params: Mapping[str, Any], conditions: Mapping[str, str] | None = None,
           arguments: Sequence[str] = ()) -> Space:
     """The space of ``params`` (key -> override expression) with command-line ``arguments``.
 

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper._optuna import LOST, PROGRESS
+from sweeper.study._trials import LOST, PROGRESS
 
 log = logging.getLogger("sweeper.study")
 

@@ -1,8 +1,8 @@
-"""Backbones split into freeze units: the one place that decides what a "layer" is per family.
+"""Backbone families cut into freeze units: the one place that decides what a "layer" is.
 
 Every family becomes an ordered list of backbone units whose composition is the torchvision
 model's own forward up to (and including) its pooled feature vector, followed by a new linear
-head. Freezing is always a prefix of that list (see :mod:`sweeper.freeze`).
+head. Freezing is always a prefix of that list (:mod:`sweeper.model._freeze`).
 
 =====================  ========================================================================
 family                 what one unit is
@@ -40,8 +40,9 @@ from torchvision.models import vision_transformer as tv_vit
 
 
 @dataclass(frozen=True)
-class Split:
-    """A torchvision model cut into backbone units, plus the width and dropout of its head."""
+class Parts:
+    """A torchvision model cut into its freeze units, plus the width and dropout of the head
+    that replaces its classifier."""
 
     units: list[nn.Module]
     unit_names: list[str]
@@ -57,7 +58,7 @@ def _pool_flatten() -> list[nn.Module]:
     return [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
 
 
-def _split_resnet(model: torchvision.models.ResNet) -> Split:
+def _cut_resnet(model: torchvision.models.ResNet) -> Parts:
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
     blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
     names = ["stem"] + [
@@ -66,19 +67,19 @@ def _split_resnet(model: torchvision.models.ResNet) -> Split:
         for j in range(len(layer))
     ]
     blocks[-1] = _Pooled(blocks[-1], *_pool_flatten())
-    return Split([stem, *blocks], names, model.fc.in_features, 0.0)
+    return Parts([stem, *blocks], names, model.fc.in_features, 0.0)
 
 
-def _split_mobilenet_v3(model: torchvision.models.MobileNetV3) -> Split:
+def _cut_mobilenet_v3(model: torchvision.models.MobileNetV3) -> Parts:
     features = list(model.features)
     names = [f"features.{i}" for i in range(len(features))]
     pre_logits = list(model.classifier)[:-1]  # Linear, Hardswish, Dropout: pretrained
     features[-1] = _Pooled(features[-1], *_pool_flatten(), *pre_logits)
     last = model.classifier[-1]
-    return Split(features, names, last.in_features, 0.0)
+    return Parts(features, names, last.in_features, 0.0)
 
 
-def _split_efficientnet(model: torchvision.models.EfficientNet) -> Split:
+def _cut_efficientnet(model: torchvision.models.EfficientNet) -> Parts:
     stem, *stages, last = list(model.features)
     blocks = [b for stage in stages for b in stage]
     names = ["stem"] + [
@@ -86,10 +87,10 @@ def _split_efficientnet(model: torchvision.models.EfficientNet) -> Split:
     ] + [f"features.{len(stages) + 1}"]
     last = _Pooled(last, *_pool_flatten())
     dropout = model.classifier[0].p
-    return Split([stem, *blocks, last], names, model.classifier[-1].in_features, dropout)
+    return Parts([stem, *blocks, last], names, model.classifier[-1].in_features, dropout)
 
 
-def _split_convnext(model: torchvision.models.ConvNeXt) -> Split:
+def _cut_convnext(model: torchvision.models.ConvNeXt) -> Parts:
     features = list(model.features)
     units: list[nn.Module] = [features[0]]
     names = ["stem"]
@@ -106,7 +107,7 @@ def _split_convnext(model: torchvision.models.ConvNeXt) -> Split:
             names.append(f"features.{i}.{j}")
     norm, flatten, last = model.classifier
     units[-1] = _Pooled(units[-1], model.avgpool, norm, flatten)
-    return Split(units, names, last.in_features, 0.0)
+    return Parts(units, names, last.in_features, 0.0)
 
 
 class _ViTEmbed(nn.Module):
@@ -131,35 +132,35 @@ class _ClassToken(nn.Module):
         return x[:, 0]
 
 
-def _split_vit(model: tv_vit.VisionTransformer) -> Split:
+def _cut_vit(model: tv_vit.VisionTransformer) -> Parts:
     layers = list(model.encoder.layers)
     names = ["embed"] + [f"encoder.layers.{i}" for i in range(len(layers))]
     layers[-1] = _Pooled(layers[-1], model.encoder.ln, _ClassToken())
     head = model.heads.head
-    return Split([_ViTEmbed(model), *layers], names, head.in_features, 0.0)
+    return Parts([_ViTEmbed(model), *layers], names, head.in_features, 0.0)
 
 
 @dataclass(frozen=True)
 class Family:
     builder: Callable[..., nn.Module]
-    split: Callable[[nn.Module], Split]
+    cut: Callable[[nn.Module], Parts]
     weights_enum: type[torchvision.models.WeightsEnum]
     # State-dict key prefix of the classifier layer that the new head replaces.
     replaced_keys: str
 
 
 FAMILIES: dict[str, Family] = {
-    "resnet18": Family(torchvision.models.resnet18, _split_resnet,
+    "resnet18": Family(torchvision.models.resnet18, _cut_resnet,
                        torchvision.models.ResNet18_Weights, "fc."),
-    "resnet50": Family(torchvision.models.resnet50, _split_resnet,
+    "resnet50": Family(torchvision.models.resnet50, _cut_resnet,
                        torchvision.models.ResNet50_Weights, "fc."),
-    "mobilenet_v3_small": Family(torchvision.models.mobilenet_v3_small, _split_mobilenet_v3,
+    "mobilenet_v3_small": Family(torchvision.models.mobilenet_v3_small, _cut_mobilenet_v3,
                                  torchvision.models.MobileNet_V3_Small_Weights, "classifier.3."),
-    "efficientnet_b0": Family(torchvision.models.efficientnet_b0, _split_efficientnet,
+    "efficientnet_b0": Family(torchvision.models.efficientnet_b0, _cut_efficientnet,
                               torchvision.models.EfficientNet_B0_Weights, "classifier.1."),
-    "convnext_tiny": Family(torchvision.models.convnext_tiny, _split_convnext,
+    "convnext_tiny": Family(torchvision.models.convnext_tiny, _cut_convnext,
                             torchvision.models.ConvNeXt_Tiny_Weights, "classifier.2."),
-    "vit_b_16": Family(torchvision.models.vit_b_16, _split_vit,
+    "vit_b_16": Family(torchvision.models.vit_b_16, _cut_vit,
                        torchvision.models.ViT_B_16_Weights, "heads.head."),
 }
 
@@ -169,6 +170,6 @@ def build_torchvision(name: str, **kwargs) -> nn.Module:
     return FAMILIES[name].builder(weights=None, **kwargs)
 
 
-def split(name: str, model: nn.Module) -> Split:
+def cut(name: str, model: nn.Module) -> Parts:
     """Cut a torchvision model of family ``name`` into its freeze units."""
-    return FAMILIES[name].split(model)
+    return FAMILIES[name].cut(model)

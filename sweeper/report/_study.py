@@ -1,8 +1,6 @@
-"""Choose the depth: a study's table, plots and recommendation, from what MLflow recorded.
+"""A study's report: its table per depth and recommendation, from what MLflow recorded.
 
-``python -m sweeper.report`` reports on the latest study; ``study=NAME`` or
-``parent_run=RUN_ID`` picks another; ``tolerance=0.5`` changes the rule's tolerance (in
-accuracy points). The report is written as ``report.md`` plus PNG plots under
+The report is written as ``report.md`` plus PNG plots under
 ``<paths.studies>/<study>/report/`` and logged as artifacts (``report/``) of the study's
 parent MLflow run; the terminal shows the table and the recommendation.
 
@@ -16,19 +14,19 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
 from sweeper.errors import UserError
+from sweeper.report._plots import plots
+from sweeper.storage import open_storage
 from sweeper.tracking import Kind, Param, State, Tag, Tracker, command_overrides, train_command
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sweeper.report")
 
 
 @dataclass
@@ -152,89 +150,6 @@ def recommend(table: pd.DataFrame, tolerance: float) -> tuple[dict | None, str]:
     return pick, text
 
 
-# --- plots --------------------------------------------------------------------------------------
-
-def pareto_mask(trials: pd.DataFrame) -> pd.Series:
-    """Complete trials no other trial beats on both accuracy (higher) and time (lower)."""
-    done = trials[trials.state == State.COMPLETE]
-    mask = pd.Series(False, index=trials.index)
-    for i, t in done.iterrows():
-        dominated = ((done.val_acc >= t.val_acc) & (done.train_time_s <= t.train_time_s)
-                     & ((done.val_acc > t.val_acc) | (done.train_time_s < t.train_time_s))).any()
-        mask[i] = not dominated
-    return mask
-
-
-def _plots(trials: pd.DataFrame, folder: Path, study=None) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = trials[trials.state == State.COMPLETE]
-    written = []
-    if len(done):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        sc = ax.scatter(done.train_time_s, done.val_acc, c=done.unfrozen, cmap="viridis", s=40,
-                        vmin=0, vmax=max(int(trials.num_units.max()), 1))
-        front = done[pareto_mask(trials)[done.index]].sort_values("train_time_s")
-        ax.plot(front.train_time_s, front.val_acc, "k--", lw=1, label="Pareto front")
-        ax.scatter(front.train_time_s, front.val_acc, facecolors="none", edgecolors="k", s=110)
-        fig.colorbar(sc, ax=ax, label="unfrozen units")
-        ax.set(xlabel="training time (s)", ylabel="validation accuracy",
-               title="Training time vs accuracy, every trial")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(folder / "pareto.png", dpi=120)
-        plt.close(fig)
-        written.append("pareto.png")
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        depths = sorted(done.unfrozen.unique())
-        for ax, col, label in ((a1, "val_acc", "validation accuracy"),
-                               (a2, "train_time_s", "training time (s)")):
-            ax.boxplot([done[done.unfrozen == d][col] for d in depths], positions=depths,
-                       widths=0.6)
-            ax.scatter(done.unfrozen, done[col], s=12, alpha=0.6)
-            ax.set(xlabel="unfrozen units", ylabel=label, title=f"{label} by depth")
-        fig.tight_layout()
-        fig.savefig(folder / "depth.png", dpi=120)
-        plt.close(fig)
-        written.append("depth.png")
-    if study is not None:
-        importances = _importances(study)
-        if importances:
-            fig, ax = plt.subplots(figsize=(6, 3))
-            names = list(importances)[::-1]
-            ax.barh(names, [importances[n] for n in names])
-            ax.set(xlabel="importance for validation accuracy (Optuna's default evaluator)",
-                   title="Hyperparameter importances")
-            fig.tight_layout()
-            fig.savefig(folder / "importance.png", dpi=120)
-            plt.close(fig)
-            written.append("importance.png")
-    return written
-
-
-def _importances(study) -> dict[str, float]:
-    import optuna
-
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(complete) < 3:
-        return {}
-    try:
-        # Optuna's default evaluator (PED-ANOVA) ranks what drives the target *low*: negate a
-        # maximised first objective (validation accuracy).
-        sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
-        with warnings.catch_warnings():  # its reminder to do exactly that
-            warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
-            return optuna.importance.get_param_importances(
-                study, target=lambda t: sign * t.values[0])
-    except (ValueError, RuntimeError) as e:
-        log.info("No parameter importances: %s", e)
-        return {}
-
-
 def _load_study(parent, storage: str | None = None) -> Any:
     """The Optuna study behind a parent run, if its storage is reachable.
 
@@ -247,8 +162,6 @@ def _load_study(parent, storage: str | None = None) -> Any:
     try:
         import optuna
 
-        from sweeper._optuna import open_storage
-
         return optuna.load_study(study_name=name, storage=open_storage(storage))
     except Exception as e:  # noqa: BLE001 - importances are optional
         log.info("Optuna study %s not loadable from %s (%s)", name, storage, e)
@@ -257,7 +170,7 @@ def _load_study(parent, storage: str | None = None) -> Any:
 
 # --- the report ---------------------------------------------------------------------------------
 
-def _markdown(r: Report, plots: list[str], tolerance: float) -> str:
+def _markdown(r: Report, figures: list[str], tolerance: float) -> str:
     t = r.table
     lines = [f"# Freeze-depth report: {r.study}", "",
              f"MLflow parent run `{r.parent_run_id}`; {len(r.trials)} trials "
@@ -288,7 +201,7 @@ def _markdown(r: Report, plots: list[str], tolerance: float) -> str:
     titles = {"pareto.png": "Training time against validation accuracy",
               "depth.png": "Accuracy and time by depth",
               "importance.png": "Hyperparameter importances"}
-    for p in plots:
+    for p in figures:
         lines += [f"## {titles[p]}", "", f"![{titles[p]}]({p})", ""]
     return "\n".join(lines)
 
@@ -337,10 +250,10 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
     folder.mkdir(parents=True, exist_ok=True)
     report = Report(name, parent.info.run_id, table, trials, recommended, explanation, notes,
                     folder)
-    plots = _plots(trials, folder, optuna_study) if not trials.empty else []
-    if "importance.png" not in plots and optuna_study is not None:
+    written = plots(trials, folder, optuna_study) if not trials.empty else []
+    if "importance.png" not in written and optuna_study is not None:
         notes.append("Too few complete trials or varied parameters for importances.")
-    (folder / "report.md").write_text(_markdown(report, plots, tolerance))
+    (folder / "report.md").write_text(_markdown(report, written, tolerance))
     table.to_csv(folder / "depths.csv", index=False)
     tracker.client.log_artifacts(parent.info.run_id, str(folder), "report")
     return report
@@ -375,104 +288,3 @@ def show(report: Report) -> None:
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"Report: {report.folder / 'report.md'}")
-
-
-# --- designed experiments (conf/experiment/yosinski.yaml) --------------------------------------
-
-TREATMENTS = ("AnB", "AnB+", "BnB", "BnB+")
-
-
-def design_frame(tracker: Tracker, design: str) -> pd.DataFrame:
-    """The trials of the latest run of experiment design ``design``, across MLflow experiments."""
-    client = tracker.client
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, f"params.`{Param.DESIGN}` = '{design}'", max_results=50000,
-                              order_by=["start_time DESC"])
-    if not runs:
-        raise UserError(f"No trials of experiment design {design!r} in {tracker.uri}. Run it: "
-                        f"python -m sweeper.run -m experiment={design}")
-    latest = runs[0].data.params.get(Param.DESIGN_SWEEP)
-    rows = [{"treatment": r.data.params[Param.TREATMENT],
-             "n": int(r.data.params[Param.TRANSFERRED]),
-             "seed": int(r.data.params[Param.SEED]),
-             "test_acc": r.data.metrics.get("test_acc", math.nan),
-             "val_acc": r.data.metrics.get("val_acc", math.nan),
-             "state": r.data.tags.get(Tag.STATE, ""),
-             "pretrain_run_id": r.data.tags.get(Tag.PRETRAIN_RUN_ID)}
-            for r in runs if r.data.params.get(Param.DESIGN_SWEEP) == latest]
-    return pd.DataFrame(rows)
-
-
-def make_design_report(cfg: DictConfig, design: str) -> tuple[pd.DataFrame, Path]:
-    """Yosinski et al.'s figure: accuracy on B against n for AnB, AnB+, BnB, BnB+ (mean, std
-    over seeds), with the base B model's accuracy as a reference line; plus its table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tracker = Tracker(cfg.tracking)
-    trials = design_frame(tracker, design)
-    done = trials[trials.state == State.COMPLETE]
-    table = done.pivot_table(index="n", columns="treatment", values="test_acc",
-                             aggfunc=["mean", "std", "count"])
-    base_ids = done[done.treatment.str.startswith("BnB")].pretrain_run_id.dropna().unique()
-    base_b = [tracker.client.get_run(i).data.metrics.get("test_acc") for i in base_ids]
-    base_b = [b for b in base_b if b is not None]
-    folder = Path(cfg.paths.experiments) / design / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"AnB": ("tab:red", "o", "-"), "AnB+": ("tab:red", "s", "--"),
-              "BnB": ("tab:blue", "o", "-"), "BnB+": ("tab:blue", "s", "--")}
-    for t in TREATMENTS:
-        sub = done[done.treatment == t]
-        if sub.empty:
-            continue
-        colour, marker, line = styles[t]
-        agg = sub.groupby("n").test_acc.agg(["mean", "std"])
-        ax.errorbar(agg.index, agg["mean"], yerr=agg["std"].fillna(0), color=colour,
-                    marker=marker, linestyle=line, capsize=3, label=t)
-        ax.scatter(sub.n, sub.test_acc, color=colour, s=8, alpha=0.3)
-    if base_b:
-        ax.axhline(sum(base_b) / len(base_b), color="k", linestyle=":",
-                   label="base B (trained on B)")
-    ax.set(xlabel="n: units transferred from the pretrained model",
-           ylabel="test accuracy on B", title=f"Transferability of features ({design})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "transfer.png", dpi=120)
-    plt.close(fig)
-
-    lines = [f"# Experiment {design}", "",
-             f"{len(done)} complete trials of {len(trials)}; test accuracy on B, mean ± std over "
-             f"seeds. Base B (the model pretrained on B, evaluated on B's test set): "
-             + (f"{sum(base_b) / len(base_b):.3f}." if base_b else "not found."), "",
-             "| n | " + " | ".join(TREATMENTS) + " |", "|---" * (len(TREATMENTS) + 1) + "|"]
-    for n in sorted(done.n.unique()):
-        cells = []
-        for t in TREATMENTS:
-            try:
-                m, sd = table.loc[n, ("mean", t)], table.loc[n, ("std", t)]
-                cells.append(f"{m:.3f} ± {0 if math.isnan(sd) else sd:.3f}")
-            except KeyError:
-                cells.append("–")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy on B against n](transfer.png)", ""]
-    (folder / "report.md").write_text("\n".join(lines))
-    print("\n".join(lines[:-2]))
-    print(f"Report: {folder / 'report.md'}")
-    return table, folder
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
-def main(cfg: DictConfig) -> None:
-    if cfg.design:
-        make_design_report(cfg, str(cfg.design))
-    else:
-        show(make_report(cfg, cfg.study, cfg.parent_run, float(cfg.tolerance),
-                         storage=cfg.storage))
-
-
-if __name__ == "__main__":
-    main()

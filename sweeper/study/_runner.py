@@ -20,20 +20,27 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper import _job, _optuna
-from sweeper._progress import Progress
-from sweeper._space import Space, parse
-from sweeper._study_mlflow import (
-    fail_trial_runs,
-    reopen,
-    start_parent,
-    summarize,
-)
-from sweeper.config import compose, task_config
+from sweeper.config import task_config
 from sweeper.errors import UserError
+from sweeper.report import make_report, show
+from sweeper.storage import StudyLock, is_url, journal_path, open_storage, storage_label
+from sweeper.study import _trials
+from sweeper.study._job import run_job
+from sweeper.study._mlflow import fail_trial_runs, reopen, start_parent, summarize
+from sweeper.study._progress import Progress
+from sweeper.study._settings import (
+    apply_overrides,
+    default_settings,
+    describe,
+    make_pruner,
+    make_sampler,
+    one_at_a_time,
+    settings_in,
+)
+from sweeper.study._space import parse_space
 from sweeper.tracking import Run, State, Tracker, config_params
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("sweeper.study")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
 
@@ -73,9 +80,9 @@ class StudyRunner:
         self.names = list(self.objectives)
         self.name = str(settings.study_name)
         self.storage_spec = str(settings.storage)
-        if not _optuna.is_url(self.storage_spec):
-            self.storage_spec = str(_optuna.journal_path(self.storage_spec))
-        self.space = parse(settings.params or {}, settings.get("conditions") or {}, arguments)
+        if not is_url(self.storage_spec):
+            self.storage_spec = str(journal_path(self.storage_spec))
+        self.space = parse_space(settings.params or {}, settings.get("conditions") or {}, arguments)
         self.n_trials = int(settings.n_trials)
         self.n_jobs = max(1, int(settings.n_jobs))
         sampler_cfg = settings.get("sampler")
@@ -94,9 +101,9 @@ class StudyRunner:
                 log.info("grid sampler: n_trials=%d, the size of the grid", size)
             self.n_trials = size
         self._check_pruning(settings)
-        self.lock = _optuna.StudyLock(self.storage_spec, self.name)
+        self.lock = StudyLock(self.storage_spec, self.name)
         with self.lock():  # two sweeps on a new database would both create Optuna's tables
-            self.storage = _optuna.open_storage(self.storage_spec)
+            self.storage = open_storage(self.storage_spec)
         self.tracker = Tracker(cfg.tracking)
         self._stop = threading.Event()
         self._stop_reason: str | None = None
@@ -105,7 +112,7 @@ class StudyRunner:
         self.study = self._open_study()
         self._tell_study = optuna.load_study(study_name=self.name, storage=self.storage,
                                              sampler=optuna.samplers.RandomSampler())
-        self.heartbeat = _optuna.Heartbeat(self.storage, float(settings.heartbeat_interval))
+        self.heartbeat = _trials.Heartbeat(self.storage, float(settings.heartbeat_interval))
 
     # -- setting up -----------------------------------------------------------------------
 
@@ -124,7 +131,7 @@ class StudyRunner:
         with self.lock():
             study = optuna.create_study(study_name=self.name, storage=self.storage,
                                         directions=directions, load_if_exists=True,
-                                        pruner=_optuna.make_pruner(self.s.get("pruner")))
+                                        pruner=make_pruner(self.s.get("pruner")))
             got = [d.name.lower() for d in study.directions]
             if got != directions:
                 raise UserError(
@@ -150,14 +157,14 @@ class StudyRunner:
             self.storage.set_study_system_attr(study_id, "sweeper:joins", joins + 1)
             # Sweeps joining a study draw other random numbers than the first, or TPE's
             # random start-up trials would repeat the first sweep's.
-            study.sampler = _optuna.make_sampler(self.s.get("sampler"), seed_offset=1000 * joins,
+            study.sampler = make_sampler(self.s.get("sampler"), seed_offset=1000 * joins,
                                                  grid=self.grid)
             self.parent = self._parent(study)
         return study
 
     @property
     def storage_label(self) -> str:
-        return _optuna.storage_label(self.storage_spec)
+        return storage_label(self.storage_spec)
 
     def _parent(self, study: optuna.Study) -> Run:
         """The study's MLflow parent run: created by the first sweep, reopened by the others."""
@@ -173,8 +180,8 @@ class StudyRunner:
             "n_trials": self.n_trials,
             "objectives": ", ".join(f"{k}:{v}" for k, v in self.objectives.items()),
             "directions": ", ".join(self.objectives.values()),
-            "sampler": _describe_target(sampler),
-            "pruner": _describe_target(pruner),
+            "sampler": describe(sampler),
+            "pruner": describe(pruner),
         })
         searched = set(self.space.sampled) | {k.lstrip("+~") for k in self.space.sampled}
         params.update({f"config.{k}": v for k, v in config_params(self.cfg).items()
@@ -231,12 +238,12 @@ class StudyRunner:
         with self.lock():
             self._reap_lost()
             trials = self.study.get_trials(deepcopy=False)
-            if sum(_optuna.counts_toward_total(t) for t in trials) >= self.n_trials:
+            if sum(_trials.counts_toward_total(t) for t in trials) >= self.n_trials:
                 return None
             trial = self.study.ask()
             overrides = self.space.suggest(trial, lambda key: OmegaConf.select(self.cfg, key))
-            self.storage.set_trial_system_attr(trial._trial_id, _optuna.WORKER,
-                                               _optuna.worker_label())
+            self.storage.set_trial_system_attr(trial._trial_id, _trials.WORKER,
+                                               _trials.worker_label())
             with self._mine_lock:
                 self._mine.add(trial._trial_id)
             self.heartbeat.add(trial._trial_id)
@@ -258,19 +265,15 @@ class StudyRunner:
             reason = (f"{type(error).__name__}: {error}" if error is not None
                       else "the job ended without reporting its trial")
             log.error("trial %d failed before it could report: %s", trial.number, reason)
-            self.storage.set_trial_user_attr(trial._trial_id, "error", reason[:2000])
-            run_id = fail_trial_runs(self.tracker, self.parent.run_id, self.name, trial.number,
-                                     reason, overrides)
-            if run_id:
-                self.storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", run_id)
-            self._tell_study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            _trials.fail(self._tell_study, self.storage, trial._trial_id, trial.number, reason,
+                         self.tracker, self.parent.run_id, overrides)
             now = self.storage.get_trial(trial._trial_id)
         self.progress.finished(now)
         self._check_failure_rate()
 
     def _check_failure_rate(self) -> None:
         trials = [t for t in self.study.get_trials(deepcopy=False)
-                  if t.state.is_finished() and _optuna.counts_toward_total(t)]
+                  if t.state.is_finished() and _trials.counts_toward_total(t)]
         failed = [t for t in trials if t.state == TrialState.FAIL]
         rate = float(self.s.max_failure_rate)
         if len(trials) < int(self.s.failure_rate_min_trials) or len(failed) <= rate * len(trials):
@@ -288,10 +291,10 @@ class StudyRunner:
         """FAIL running trials whose heartbeat stopped (call under the study lock)."""
         grace = float(self.s.grace_period)
         lost = []
-        for t in _optuna.stale_trials(self.study, grace):
+        for t in _trials.stale_trials(self.study, grace):
             reason = (f"lost: no heartbeat for more than {grace:g} s (its process was killed "
-                      f"or its machine went away; worker {t.system_attrs.get(_optuna.WORKER)})")
-            if t._trial_id in self._mine or not _optuna.mark_lost(self.storage, t, reason):
+                      f"or its machine went away; worker {t.system_attrs.get(_trials.WORKER)})")
+            if t._trial_id in self._mine or not _trials.mark_lost(self.storage, t, reason):
                 continue
             self._after_lost(t, reason)
             lost.append(t)
@@ -313,7 +316,7 @@ class StudyRunner:
             mine = list(self._mine)
         for trial_id in mine:
             t = self.storage.get_trial(trial_id)
-            if t.state == TrialState.RUNNING and _optuna.mark_lost(self.storage, t, reason):
+            if t.state == TrialState.RUNNING and _trials.mark_lost(self.storage, t, reason):
                 self._after_lost(t, reason, State.KILLED)
 
     def _wait_for_others(self) -> bool:
@@ -329,7 +332,7 @@ class StudyRunner:
             running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:
                 return False
-            if all(_optuna.last_sign_of_life(t) > since for t in running):
+            if all(_trials.last_sign_of_life(t) > since for t in running):
                 log.info("trials %s are running in other sweeps; they finish the study",
                          ", ".join(str(t.number) for t in running))
                 return False
@@ -343,7 +346,7 @@ class StudyRunner:
     def _finish(self) -> StudyResult:
         with self.lock():
             trials = self.study.get_trials(deepcopy=False)
-            counted = sum(_optuna.counts_toward_total(t) for t in trials)
+            counted = sum(_trials.counts_toward_total(t) for t in trials)
             open_ = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
             complete = counted >= self.n_trials and not open_
             rows = summarize(self.parent, self.study, self.names)
@@ -365,21 +368,11 @@ class StudyRunner:
     def _report(self) -> None:
         """The study's report (table, plots, recommendation), as ``python -m sweeper.report``
         would make it; a report that cannot be made does not fail the finished study."""
-        from sweeper.report import make_report, show
-
         try:
             show(make_report(self.cfg, parent_run=self.parent.run_id, optuna_study=self.study))
         except Exception as e:  # noqa: BLE001 - the study's results are already recorded
             log.warning("No report for study %s (%s); try: python -m sweeper.report "
                         "parent_run=%s", self.name, e, self.parent.run_id)
-
-
-def _describe_target(node: DictConfig | None) -> str:
-    if node is None or node.get("_target_") is None:
-        return "none"
-    d = OmegaConf.to_container(node, resolve=True)
-    target = str(d.pop("_target_", None)).rsplit(".", 1)[-1]
-    return f"{target}(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
 
 
 def _table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
@@ -393,33 +386,6 @@ def _table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in [*((n, r[n]) for n in names), *params.items()] if v is not None))
     return "\n".join(lines)
-
-
-def default_settings() -> DictConfig:
-    """The sweep settings of ``conf/hydra/sweeper/optuna.yaml`` with its default groups,
-    unresolved (compose the project's config with ``return_hydra_config=True`` for the
-    resolved ones)."""
-    return compose(return_hydra_config=True).hydra.sweeper
-
-
-def one_at_a_time(settings: DictConfig, why: str) -> None:
-    """Cap ``settings.n_jobs`` at 1, saying ``why``, when it asks for parallel trials."""
-    if int(settings.n_jobs) > 1:
-        log.warning("hydra.sweeper.n_jobs=%s: running 1 trial at a time (%s).",
-                    settings.n_jobs, why)
-        settings.n_jobs = 1
-
-
-def _apply(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """``cfg`` with ``key=value`` overrides applied (values only, not config-group choices)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    out = cfg.copy()
-    OmegaConf.set_struct(out, False)
-    for o in OverridesParser.create().parse_overrides(list(overrides)):
-        OmegaConf.update(out, o.key_or_group, o.value(), merge=True)
-    OmegaConf.set_struct(out, True)
-    return out
 
 
 def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = None, *,
@@ -437,13 +403,11 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
 
     Returns the study, its MLflow parent run id and its Pareto set::
 
-        from hydra import compose, initialize
+        from sweeper.config import compose
         from sweeper.study import optimize
 
-        with initialize(config_path="conf", version_base="1.3"):
-            cfg = compose("config", overrides=["hydra.sweeper.n_trials=6"],
-                          return_hydra_config=True)
-        result = optimize(cfg)
+        result = optimize(compose(overrides=["hydra.sweeper.n_trials=6"],
+                                  return_hydra_config=True))
         print(result.pareto)
     """
     base = cfg.hydra.sweeper if "hydra" in cfg else default_settings()
@@ -454,7 +418,7 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
         for key, value in dict(sweep).items():
             base[key] = value
     task = task_config(cfg)
-    settings = _job.settings_in(task, base)
+    settings = settings_in(task, base)
     OmegaConf.resolve(settings)
     # Trials here share one process (and its feature cache and torch threads).
     one_at_a_time(settings, "optimize() runs its trials in this process; for parallel trials "
@@ -463,12 +427,10 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
                             "several processes on the same storage")
 
     def launch(number: int, overrides: list[str]) -> None:
-        result = _job.run(_apply(task, overrides), settings, number)
+        result = run_job(apply_overrides(task, overrides), settings, number)
         if result.get("state") == State.FAILED:
             log.debug("trial %d failed: %s", number, result.get("error"))
 
     runner = StudyRunner(settings, task, launch, arguments)
     return runner.run(progress)
 
-
-__all__ = ["StudyResult", "StudyRunner", "Space", "optimize", "default_settings"]

@@ -1,14 +1,14 @@
-"""Pretrained weights for a backbone: torchvision's weights API, a local file, or our own source.
+"""Loading pretrained weights into a backbone: torchvision's weights, or a state-dict file.
 
-``backbone.weights`` is one of
-
-- ``DEFAULT`` or an enum name such as ``IMAGENET1K_V1``: torchvision's weights API and cache
-  (``$TORCH_HOME/hub/checkpoints/<file>``): downloads when online, loads offline when the
-  file is already there;
-- a path to a state dict of the torchvision architecture (a checkpoint holding it under
+- torchvision's weights API and cache (``DEFAULT`` or an enum name such as ``IMAGENET1K_V1``;
+  ``$TORCH_HOME/hub/checkpoints/<file>``): downloads when online, loads offline when the file
+  is already there;
+- a state dict of the torchvision architecture in a file (a checkpoint holding it under
   ``state_dict`` or ``model`` works too);
-- ``source``: the backbone pretrained here on a source task (see :mod:`sweeper.pretrain`);
-- ``none``: random initialisation (training from scratch).
+- :func:`load_into` fits either into a model and names whatever does not fit.
+
+Which of them ``backbone.weights`` asks for, including ``source`` (pretrained here) and
+``none``, is decided by :func:`sweeper.pretrain.resolve_weights`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torchvision.models import vision_transformer as tv_vit
 
-from sweeper.backbones import FAMILIES
 from sweeper.errors import UserError
+from sweeper.model._families import FAMILIES
 
 StateDict = dict[str, torch.Tensor]
 
@@ -97,20 +96,3 @@ def load_into(model: nn.Module, name: str, state: StateDict, origin: str) -> Non
         raise UserError(f"The weights from {origin} do not fit backbone {name}: "
                         + "; ".join(parts) + ". Use weights saved from the same architecture.")
     model.load_state_dict(given, strict=False)
-
-
-def resolve(cfg: DictConfig) -> tuple[StateDict | None, str]:
-    """The state dict that ``cfg.backbone.weights`` asks for, and a description of its origin."""
-    weights = cfg.backbone.weights
-    name = cfg.backbone.name
-    if weights is None or str(weights).lower() == "none":
-        return None, "none"
-    weights = str(weights)
-    if weights == "source":
-        from sweeper.pretrain import source_checkpoint
-
-        path = source_checkpoint(cfg)
-        return from_file(path), f"source:{path}"
-    if "/" in weights or weights.endswith((".pt", ".pth", ".bin")) or Path(weights).exists():
-        return from_file(weights), weights
-    return from_torchvision(name, weights), f"torchvision:{FAMILIES[name].weights_enum.__name__}.{weights}"

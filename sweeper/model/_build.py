@@ -1,22 +1,22 @@
-"""Build the model of a trial: a torchvision backbone, its weights, freeze units and a new head."""
+"""Building a trial's model: a torchvision backbone, its weights, freeze units and a new head."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sweeper import backbones
 from sweeper.errors import UserError
-from sweeper.freeze import FreezeNet
-from sweeper.weights import StateDict, load_into
+from sweeper.model._families import FAMILIES, build_torchvision, cut
+from sweeper.model._freeze import FreezeNet
+from sweeper.model._weights import StateDict, load_into
 
 
 def check_backbone(backbone: DictConfig, unfrozen: int | None = None,
                    transferred: int | None = None) -> None:
     """Fail early, with what to do, on a backbone config or freeze depth that cannot work."""
-    if backbone.name not in backbones.FAMILIES:
+    if backbone.name not in FAMILIES:
         raise UserError(f"backbone.name={backbone.name} is not supported; choose one of "
-                        f"{', '.join(backbones.FAMILIES)}.")
+                        f"{', '.join(FAMILIES)}.")
     if unfrozen is not None and not 0 <= int(unfrozen) <= int(backbone.num_units):
         raise UserError(
             f"freeze.unfrozen={unfrozen} is outside 0..{backbone.num_units}: {backbone.name} has "
@@ -52,10 +52,10 @@ def build(backbone: DictConfig, num_classes: int, unfrozen: int,
     torchvision model's ``state_dict()`` holds the backbone in torchvision's own key format.
     """
     check_backbone(backbone, unfrozen, transferred)
-    tv_model = backbones.build_torchvision(backbone.name, **backbone_kwargs(backbone))
+    tv_model = build_torchvision(backbone.name, **backbone_kwargs(backbone))
     if state is not None:
         load_into(tv_model, backbone.name, state, origin)
-    parts = backbones.split(backbone.name, tv_model)
+    parts = cut(backbone.name, tv_model)
     if len(parts.units) != int(backbone.num_units):
         raise UserError(f"backbone.num_units={backbone.num_units} but {backbone.name} has "
                         f"{len(parts.units)} freeze units; fix conf/backbone/{backbone.name}.yaml.")

@@ -1,8 +1,9 @@
 """The Hydra side of the study: settings from ``hydra.sweeper``, trials through Hydra's launcher.
 
 Registered with Hydra by ``hydra_plugins/sweeper_optuna`` (Hydra loads plugins only from the
-``hydra_plugins`` namespace). Each trial is one ``launch`` of one job, from one thread per
-worker, so with ``n_jobs=N`` a finished worker starts the next trial at once: no batches.
+``hydra_plugins`` namespace), a shim that imports this package only when a sweep starts.
+Each trial is one ``launch`` of one job, from one thread per worker, so with ``n_jobs=N`` a
+finished worker starts the next trial at once: no batches.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
+from sweeper.config import task_config
+from sweeper.study._runner import StudyRunner
+from sweeper.study._settings import one_at_a_time
+from sweeper.study._space import quote
+
+log = logging.getLogger("sweeper.study")
 
 
-class SweeperImpl:
+class HydraSweeper:
     """What :class:`hydra_plugins.sweeper_optuna.OptunaSweeper` does, outside ``hydra_plugins``."""
 
     def __init__(self) -> None:
@@ -34,10 +40,6 @@ class SweeperImpl:
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from sweeper._space import quote
-        from sweeper.config import task_config
-        from sweeper.study import StudyRunner, one_at_a_time
-
         assert self.config is not None and self.launcher is not None
         settings = OmegaConf.create(OmegaConf.to_container(self.config.hydra.sweeper,
                                                            resolve=True))

@@ -1,0 +1,115 @@
+"""What the training loop consumes: a :class:`Feed` per split, cached rows or images.
+
+``prepare(rows[idx])`` is ``FreezeNet.forward_trainable``'s input: cached frozen-prefix
+outputs cast to float, or uint8 images run through normalisation, augmentation and the
+frozen prefix every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from sweeper import timing
+from sweeper.data import Augment, Normalize, Split
+from sweeper.feeds._memory import MEMORY
+from sweeper.model import FreezeNet
+
+
+@dataclass
+class Feed:
+    """One split as the loop consumes it: ``prepare(rows[idx])`` is ``forward_trainable``'s input.
+
+    ``rows`` are cached prefix outputs (``prepare`` casts them to float) or uint8 images
+    (``prepare`` normalises, augments and runs the frozen prefix).
+    """
+
+    rows: torch.Tensor
+    labels: torch.Tensor
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    source: str  # how the rows came to be: "images ...", "hit ...", "filled", "derived ..."
+    fill_time_s: float = 0.0  # recorded cost of computing cached rows from the images, charged
+    nbytes: int = 0
+    mapped: bool = False  # rows are memory-mapped from the entry's file
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def cached(self) -> bool:
+        return not self.source.startswith("images")
+
+    def on(self, device: torch.device) -> Feed:
+        """This feed with its rows on ``device`` when it is a GPU and they are in RAM (small
+        sets: no copy per step); memory-mapped rows stay put and are copied per batch."""
+        if device.type != "cuda" or self.mapped:
+            return self
+        return replace(self, rows=self.rows.to(device), labels=self.labels.to(device))
+
+    def batch(self, idx: torch.Tensor | slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows and labels at ``idx`` on ``device`` (pinned, non-blocking copies from the CPU)."""
+        x, y = self.rows[idx], self.labels[idx]
+        if x.device != device:
+            if device.type == "cuda":
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return x, y
+
+    def batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self), batch_size):
+            yield self.batch(slice(start, start + batch_size), device)
+
+
+@dataclass
+class Feeds:
+    train: Feed
+    val: Feed
+    test: Feed
+    filled_s: float = 0.0  # time this trial actually spent filling entries
+
+    def time(self) -> timing.TrialTime:
+        """A trial's time, charged the recorded fill costs of these feeds' entries."""
+        return timing.TrialTime(train_fill_s=self.train.fill_time_s,
+                                val_fill_s=self.val.fill_time_s,
+                                test_fill_s=self.test.fill_time_s, filled_s=self.filled_s)
+
+    def tags(self) -> dict[str, str]:
+        return {"cache.train": self.train.source, "cache.val": self.val.source,
+                "cache.test": self.test.source}
+
+    def metrics(self) -> dict[str, float]:
+        """What the cache holds for this trial (its time metrics: :meth:`time`)."""
+        feeds = (self.train, self.val, self.test)
+        return {
+            "cache_hits": sum(f.source.startswith("hit") for f in feeds),
+            "cache_entries": sum(f.cached for f in feeds),
+            "cache_bytes": sum(f.nbytes for f in feeds),
+            "cache_mapped_bytes": sum(f.nbytes for f in feeds if f.mapped),
+            "cache_memory_bytes": MEMORY.nbytes,
+        }
+
+
+def _image_prepare(model: FreezeNet, normalize: Normalize, augment: Augment | None,
+                   device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        if augment is not None:
+            x = augment(x)
+        x = normalize(x)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return model.forward_frozen(x)
+    return prepare
+
+
+def image_feed(model: FreezeNet, split: Split, normalize: Normalize, device: torch.device,
+               augment: Augment | None = None, why: str = "") -> Feed:
+    """A split fed as images: every step runs normalisation, ``augment`` and the frozen prefix."""
+    source = f"images ({why})" if why else "images"
+    return Feed(split.images, split.labels, _image_prepare(model, normalize, augment, device), source)
+
+
+def as_float(h: torch.Tensor) -> torch.Tensor:
+    """How cached rows are prepared for the trainable suffix: stored dtype -> float."""
+    return h.float()

@@ -1,0 +1,118 @@
+"""Filling cache entries: a split's frozen-prefix outputs at a cut, computed once and shared.
+
+An entry at cut ``k`` is derived from the deepest valid entry at a cut ``j < k`` of the same
+split and weights, by running only units ``j..k-1``, so a whole study's frozen forward work
+stays near one forward pass per image. Entries are found in this process's RAM, then on disk
+under a file lock (one process fills an entry while the others wait for it); a corrupt one is
+logged, deleted and rebuilt, never used. Each records its fill cost
+(:func:`sweeper.timing.fill_cost`), which every trial using it is charged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from torch import nn
+
+from sweeper import timing
+from sweeper.feeds import _entries as entries
+from sweeper.feeds._feed import Feed, as_float
+from sweeper.feeds._keys import Prefix
+from sweeper.feeds._memory import MEMORY
+
+log = logging.getLogger("sweeper.feeds")
+
+FILL_BATCH = 256
+
+
+@torch.no_grad()
+def _run_units(units: list[nn.Module], rows: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
+               device: torch.device, amp: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``units`` applied to ``prepare(rows)`` in batches, gathered on the CPU as ``dtype``."""
+    assert not any(u.training for u in units), "frozen units must be in eval mode"
+    out = None
+    for start in range(0, len(rows), FILL_BATCH):
+        x = rows[start:start + FILL_BATCH].to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            x = prepare(x)
+            for unit in units:
+                x = unit(x)
+        if out is None:
+            out = torch.empty((len(rows), *x.shape[1:]), dtype=dtype)
+        out[start:start + len(x)] = x.to("cpu", dtype)
+    return out
+
+
+def _find_parent(prefix: Prefix, cut: int, directory: Path) -> tuple[int, torch.Tensor, dict] | None:
+    """The deepest valid entry of ``prefix`` at a cut below ``cut`` (RAM first, then disk)."""
+    for j in range(cut - 1, 0, -1):
+        key = prefix.key(j)
+        if (hit := MEMORY.get(key)) is not None:
+            return j, *hit
+        path = directory / f"{key}.feat"
+        if path.exists():
+            try:
+                return j, *entries.read(path, key, in_memory=False)
+            except (entries.CorruptEntry, OSError) as e:
+                log.warning("Not deriving from cache entry %s: %s", path, e)
+    return None
+
+
+def _fill(prefix: Prefix, cut: int, directory: Path) -> tuple[torch.Tensor, dict]:
+    """Compute a split's prefix outputs at ``cut``, from a shallower entry where there is one."""
+    model, device, normalize = prefix.model, prefix.device, prefix.normalize
+
+    def images(x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+    parent = _find_parent(prefix, cut, directory)
+    if parent is not None:
+        j, parent_rows, parent_meta = parent
+        with timing.measure(device) as spent:
+            rows = _run_units(list(model.units[j:cut]), parent_rows, as_float, device,
+                              prefix.amp, prefix.dtype)
+        return rows, {"fill_time_s": timing.fill_cost(spent.s, parent_meta["fill_time_s"]),
+                      "spent_s": spent.s, "cut": cut, "how": f"derived from cut {j}"}
+    with timing.measure(device) as spent:
+        rows = _run_units(list(model.units[:cut]), prefix.split.images, images, device,
+                          prefix.amp, prefix.dtype)
+    return rows, {"fill_time_s": timing.fill_cost(spent.s), "spent_s": spent.s, "cut": cut,
+                  "how": "filled"}
+
+
+def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, float]:
+    """The split's prefix outputs at ``cut`` as a cached :class:`Feed`, and the time spent filling.
+
+    Looks in this process's RAM, then on disk under a file lock (so that one process fills
+    an entry while the others wait for it), and fills the entry only when neither has it.
+    """
+    key = prefix.key(cut)
+    labels = prefix.split.labels
+    if (hit := MEMORY.get(key)) is not None:
+        rows, meta = hit
+        return Feed(rows, labels, as_float, "hit (memory)", meta["fill_time_s"], meta["nbytes"]), 0.0
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{key}.feat"
+    rows, how, spent, mapped = None, "hit (disk)", 0.0, False
+    with FileLock(str(path.with_suffix(".lock"))):
+        if path.exists():
+            try:
+                mapped = entries.read_header(path, key)["nbytes"] > MEMORY.budget
+                rows, meta = entries.read(path, key, in_memory=not mapped)
+            except (entries.CorruptEntry, OSError) as e:
+                log.warning("Rebuilding corrupt or stale cache entry %s: %s", path, e)
+                path.unlink(missing_ok=True)
+                rows, mapped = None, False
+        if rows is None:
+            rows, meta = _fill(prefix, cut, directory)
+            how, spent = meta["how"], meta["spent_s"]
+            meta = entries.write(path, key, rows, meta)
+    if not mapped and not MEMORY.put(key, rows, meta):
+        rows, meta = entries.read(path, key, in_memory=False)  # over the budget: serve it from the file
+        mapped = True
+    return Feed(rows, labels, as_float, how, meta["fill_time_s"], meta["nbytes"], mapped), spent

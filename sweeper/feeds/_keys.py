@@ -1,0 +1,70 @@
+"""What identifies a cache entry: a key per (weights up to the cut, split, normalisation, dtype,
+device, cut), made of content hashes, so that anything that changes the outputs changes the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sweeper.data import Normalize, Split
+from sweeper.model import FreezeNet
+
+FORMAT = 1  # of keys and entry files: a new format never reads an old entry
+
+
+def new_hash() -> Any:
+    """The hash of keys and checksums (16-byte blake2b)."""
+    return hashlib.blake2b(digest_size=16)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's raw bytes (on the CPU), to hash or to write."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def unit_digest(unit: nn.Module) -> str:
+    """Hash of a unit's architecture and every parameter and buffer value."""
+    h = new_hash()
+    h.update(repr(unit).encode())
+    for name, t in unit.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def split_digest(split: Split, normalize: Normalize) -> str:
+    """Hash of a split's image contents (in order) and of the normalisation applied to them."""
+    h = new_hash()
+    h.update(f"{split.images.dtype}:{tuple(split.images.shape)}".encode())
+    h.update(tensor_bytes(split.images))
+    h.update(tensor_bytes(normalize.mean))
+    h.update(tensor_bytes(normalize.std))
+    return h.hexdigest()
+
+
+@dataclass
+class Prefix:
+    """What determines a split's prefix outputs at every cut: one key per cut."""
+
+    model: FreezeNet
+    split: Split
+    normalize: Normalize
+    dtype: torch.dtype
+    device: torch.device
+    amp: bool
+    data: str  # split_digest
+    units: list[str]  # unit_digest of each frozen unit
+
+    def key(self, cut: int) -> str:
+        h = new_hash()
+        h.update(json.dumps({"format": FORMAT, "data": self.data, "dtype": str(self.dtype),
+                             "device": self.device.type, "amp": self.amp,
+                             "units": self.units[:cut]}).encode())
+        return h.hexdigest()

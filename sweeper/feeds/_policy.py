@@ -1,0 +1,87 @@
+"""What a trial caches (``cache.mode``, storage dtype, RAM budget), and why a split is not."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from sweeper.data import Augment, Data, Split
+from sweeper.errors import UserError
+from sweeper.feeds._entries import DTYPES
+from sweeper.feeds._feed import Feed, Feeds, image_feed
+from sweeper.feeds._fill import prefix_outputs
+from sweeper.feeds._keys import Prefix, split_digest, unit_digest
+from sweeper.feeds._memory import MEMORY
+from sweeper.model import FreezeNet
+
+log = logging.getLogger("sweeper.feeds")
+
+MODES = ("auto", "on", "off")
+
+
+def cache_mode(cache: DictConfig | None) -> str:
+    """``cache.mode`` as one of auto/on/off (YAML reads a bare on/off as a boolean)."""
+    mode = "off" if cache is None else cache.get("mode", "auto")  # configs from before the cache
+    mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else str(mode)
+    if mode not in MODES:
+        raise UserError(f"cache.mode={mode}: use auto, on or off.")
+    return mode
+
+
+def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augment | None,
+              device: torch.device, amp: bool = False) -> Feeds:
+    """How a trial's train, val and test splits reach ``model.forward_trainable``.
+
+    ``cache.mode=auto`` caches what is deterministic: val and test always, train unless
+    ``augment`` is random (then train runs through the frozen prefix every step, and the
+    reason is logged); ``on`` is the same but a random train transform is a config error;
+    ``off`` never caches. Fills and hits are timed and described for the trial's run.
+    """
+    mode = cache_mode(cache)
+    amp = amp and device.type == "cuda"  # bf16 autocast runs on CUDA only (sweeper.train)
+    normalize = data.normalize.to(device)
+    random_train = augment is not None and augment.random
+
+    def images(split: Split, why: str, aug: Augment | None = None) -> Feed:
+        return image_feed(model, split, normalize, device, aug, why)
+
+    if mode == "on" and random_train:
+        raise UserError(
+            f"cache.mode=on, but the train transform is random ({augment.describe()}): the frozen "
+            "prefix's train outputs change every epoch, so they cannot be cached. Use "
+            "cache.mode=auto (caches val and test, runs train through the prefix) or augment=none."
+        )
+    if mode == "off" or model.cut == 0:
+        why = "cache.mode=off" if mode == "off" else "nothing frozen"
+        if model.cut == 0 and mode != "off":
+            log.info("Feature cache: nothing to cache (no frozen unit)")
+        aug = augment if random_train else None
+        return Feeds(images(data.train, why, aug), images(data.val, why), images(data.test, why))
+
+    MEMORY.start_trial(int(float(cache.memory_budget_mb) * 2**20))
+    directory = Path(str(cache.dir))
+    dtype = DTYPES.get(str(cache.dtype))
+    if dtype is None:
+        raise UserError(f"cache.dtype={cache.dtype}: use one of {', '.join(DTYPES)}.")
+    units = [unit_digest(u) for u in model.frozen_units()]
+    out: dict[str, Feed] = {}
+    filled_s = 0.0
+    for name in ("train", "val", "test"):
+        split = getattr(data, name)
+        if name == "train" and random_train:
+            why = f"augment is random: {augment.describe()}"
+            log.info("Feature cache (auto): train runs through the frozen prefix, %s", why)
+            out[name] = images(split, why, augment)
+            continue
+        prefix = Prefix(model, split, normalize, dtype, device, amp,
+                        split_digest(split, data.normalize), units)
+        feed, spent = prefix_outputs(prefix, model.cut, directory)
+        filled_s += spent
+        log.info("Feature cache: %s at cut %d %s (%.1f MB%s, fill cost %.2fs)", name, model.cut,
+                 feed.source, feed.nbytes / 2**20, ", memory-mapped" if feed.mapped else "",
+                 feed.fill_time_s)
+        out[name] = feed
+    return Feeds(**out, filled_s=filled_s)

@@ -1,0 +1,28 @@
+"""``python -m sweeper.report``: a study's report (default: the latest) or a design's figure.
+
+``study=NAME`` or ``parent_run=RUN_ID`` picks a study, ``tolerance=0.5`` changes the rule's
+tolerance (accuracy points), ``design=yosinski`` reports a designed experiment instead
+(``conf/report.yaml``).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from sweeper.config import CONF_DIR
+from sweeper.report import make_design_report, make_report, show
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
+def main(cfg: DictConfig) -> None:
+    """Report on a study (the latest by default) or a designed experiment, from conf/report.yaml."""
+    if cfg.design:
+        make_design_report(cfg, str(cfg.design))
+    else:
+        show(make_report(cfg, cfg.study, cfg.parent_run, float(cfg.tolerance),
+                         storage=cfg.storage))
+
+
+if __name__ == "__main__":
+    main()

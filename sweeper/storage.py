@@ -1,0 +1,121 @@
+"""Optuna storages: where a study lives, opened the same way by the study, its jobs and reports.
+
+A storage is a journal file path (many processes on one machine) or an RDB URL such as
+``postgresql://user:pw@host/db`` (many machines); never SQLite for parallel writers (Optuna's
+FAQ). :class:`StudyLock` serialises counting and asking for trials across the processes and
+machines that share a study.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+
+from sweeper.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def is_url(storage: str) -> bool:
+    return "://" in storage
+
+
+def journal_path(storage: str) -> Path:
+    return Path(storage).expanduser().resolve()
+
+
+def storage_label(storage: str) -> str:
+    """``storage`` fit to show and log: an absolute journal path, or a URL without password."""
+    if not is_url(storage):
+        return str(journal_path(storage))
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: show the scheme only
+        return storage.split("://", 1)[0] + "://..."
+
+
+def rdb_url(storage: str) -> str:
+    """``storage`` with a driver SQLAlchemy can load: SQLAlchemy 2.1 reads a bare
+    ``postgresql://`` as psycopg 3; use psycopg2 when only that one is installed."""
+    import importlib.util
+
+    if (storage.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None
+            and importlib.util.find_spec("psycopg2") is not None):
+        return "postgresql+psycopg2://" + storage[len("postgresql://"):]
+    return storage
+
+
+def open_storage(storage: str) -> BaseStorage:
+    """The Optuna storage for ``storage``: an RDB URL, or else a journal file path."""
+    if is_url(storage):
+        storage = rdb_url(storage)
+        if storage.startswith("sqlite:"):
+            log.warning("SQLite is not safe for parallel writers (Optuna FAQ): use the default "
+                        "journal file on one machine, PostgreSQL for several.")
+        try:
+            return RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
+        except Exception as e:  # noqa: BLE001 - driver or connection errors, told plainly
+            raise UserError(f"Cannot open Optuna storage {storage_label(storage)}: {e}") from None
+    path = journal_path(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+class StudyLock:
+    """Mutual exclusion over one study across threads, processes and machines.
+
+    Counting the study's trials and asking for a new one happen under it, so that n_trials
+    is the study's total even with several sweeps; so does creating the MLflow parent run.
+    A journal file (or SQLite) uses a lock file beside it; PostgreSQL an advisory lock.
+    """
+
+    def __init__(self, storage: str, study_name: str) -> None:
+        self._thread_lock = threading.RLock()
+        self._file_lock = None
+        self._engine = None
+        self._key = zlib.crc32(study_name.encode()) & 0x7FFFFFFF
+        if not is_url(storage):
+            from filelock import FileLock
+
+            # Not "<journal>.lock": that is Optuna's own lock for writing the journal.
+            self._file_lock = FileLock(str(journal_path(storage)) + ".sweeper.lock")
+        elif storage.startswith("sqlite:///"):
+            from filelock import FileLock
+
+            self._file_lock = FileLock(storage[len("sqlite:///"):] + ".sweeper.lock")
+        elif storage.startswith("postgresql"):
+            import sqlalchemy
+
+            self._engine = sqlalchemy.create_engine(rdb_url(storage),
+                                                    poolclass=sqlalchemy.pool.NullPool)
+        else:
+            log.warning("No cross-process lock for %s: several sweeps on this study may run a "
+                        "few trials past n_trials.", storage_label(storage))
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._file_lock is not None:
+                with self._file_lock:
+                    yield
+            elif self._engine is not None:
+                import sqlalchemy
+
+                with self._engine.connect() as conn:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+                    try:
+                        yield
+                    finally:
+                        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"),
+                                     {"k": self._key})
+            else:
+                yield

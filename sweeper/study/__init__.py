@@ -1,0 +1,32 @@
+"""An Optuna study over freeze depth and learning rates: run, resumed, shared, tracked in MLflow.
+
+- :func:`optimize` runs or resumes a study from Python; ``python -m sweeper.run -m`` runs the
+  same one through Hydra (:class:`HydraSweeper`, registered by ``hydra_plugins/sweeper_optuna``);
+  both drive a :class:`StudyRunner` (``_runner``), which ends every finished study with its
+  report (:mod:`sweeper.report`);
+- in each job, :func:`hydra_trial` and :func:`run_job` run one trial of the study: they report
+  its epochs for pruning, keep its heartbeat and tell Optuna the result (``_job``; a trial's
+  heartbeat, failure and loss: ``_trials``);
+- the settings: :func:`default_settings`, :func:`settings_in`, :func:`make_sampler`,
+  :func:`make_pruner` (``_settings``) and the search space, :func:`parse_space` (``_space``);
+- the MLflow side (a parent run per study, a child run per trial, the Pareto table) is
+  ``_mlflow``; the live table or log lines, ``_progress``.
+
+Example::
+
+    from sweeper.config import compose
+    from sweeper.study import optimize
+
+    result = optimize(compose(overrides=["hydra.sweeper.n_trials=6"], return_hydra_config=True))
+    print(result.parent_run_id, result.pareto)
+"""
+
+from sweeper.study._hydra import HydraSweeper
+from sweeper.study._job import hydra_trial, run_job
+from sweeper.study._runner import StudyResult, StudyRunner, optimize
+from sweeper.study._settings import default_settings, make_pruner, make_sampler, settings_in
+from sweeper.study._space import Space, parse_space
+
+__all__ = ["HydraSweeper", "Space", "StudyResult", "StudyRunner", "default_settings",
+           "hydra_trial", "make_pruner", "make_sampler", "optimize", "parse_space", "run_job",
+           "settings_in"]
