@@ -89,7 +89,7 @@ class Augment(nn.Module):
     ``crop_padding``: zero-pad by that many pixels and take a random S x S crop per image;
     ``hflip``: flip each image left-right with probability 1/2. Draws from torch's RNG on the
     batch's device (seeded by the trial). A random transform makes the frozen prefix's train
-    outputs change every epoch, so they cannot be cached (:mod:`sweeper.cache`).
+    outputs change every epoch, so they cannot be cached (:mod:`sweeper.feeds`).
     """
 
     def __init__(self, crop_padding: int = 0, hflip: bool = False) -> None:
