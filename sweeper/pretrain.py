@@ -28,6 +28,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import data as data_mod
+from sweeper.device import place_model, resolve_device
 from sweeper.model import (
     FAMILIES,
     StateDict,
@@ -37,7 +38,7 @@ from sweeper.model import (
     from_torchvision,
 )
 from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
-from sweeper.train import evaluate, fit, resolve_device
+from sweeper.train import evaluate, fit
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +120,17 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
         torch.manual_seed(int(src.trainer.seed))
         data = data_mod.load(src.dataset)
         model, tv_model = build(cfg.backbone, len(data.classes), int(cfg.backbone.num_units), None)
-        model.to(device)
+        place_model(model, device)
         result = fit(model, data, src.trainer, src.optim, device,
                      on_epoch=lambda s: run.metrics(s.metrics(), step=s.epoch))
         test_acc = evaluate(model, data.test, data.normalize.to(device), device,
-                            int(src.trainer.batch_size))
+                            int(src.trainer.batch_size), bool(src.trainer.amp))
         train_time_s = result.time.train_time_s
         run.metrics({"val_acc": result.val_acc, "test_acc": test_acc, **result.time.totals()},
                     step=len(result.epochs))
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": {k: v.cpu() for k, v in tv_model.state_dict().items()}}, tmp)
+        state = {k: v.cpu().contiguous() for k, v in tv_model.state_dict().items()}  # NCHW on disk
+        torch.save({"state_dict": state}, tmp)
         os.replace(tmp, path)
         path.with_suffix(".json").write_text(json.dumps(
             {"key": checkpoint_key(cfg), "mlflow_run_id": run.run_id, "val_acc": result.val_acc,

@@ -13,10 +13,13 @@ epoch_time_s           per epoch (step = epoch): wall time of the epoch's traini
 images_per_s           per epoch: images the epoch trained on / its ``epoch_time_s``
 train_time_s           what training the configuration costs on its own: the sum of
                        ``epoch_time_s``, plus the recorded fill cost of the cached inputs it
-                       trained on, plus ``bn_stats_time_s``; so it does not depend on which
-                       trials filled the cache before
+                       trained on, plus ``bn_stats_time_s``, plus on a GPU the one copy of the
+                       train rows to the device where they stay for the trial
+                       (:mod:`sweeper.device`); so it does not depend on which trials filled
+                       the cache before
 eval_time_s            the val evaluation after every epoch, plus the recorded fill cost of the
-                       cached val inputs (the final test evaluation is not counted)
+                       cached val inputs and their one copy to the GPU (the final test
+                       evaluation is not counted)
 time_per_epoch_s       ``train_time_s`` / epochs
 bn_stats_time_s        re-estimating the frozen BatchNorm statistics (``freeze.bn_stats=target``)
 cache_fill_time_s      time this trial actually spent filling cache entries (0 when all were
@@ -89,6 +92,8 @@ class TrialTime:
     test_fill_s: float = 0.0  # ... of the cached test inputs (charged to nothing)
     filled_s: float = 0.0  # time actually spent filling cache entries in this run
     bn_stats_s: float | None = None  # re-estimating frozen BatchNorm statistics; None: not done
+    train_copy_s: float = 0.0  # copying the train rows to the GPU once (0 on the CPU)
+    val_copy_s: float = 0.0  # ... the val rows
     steps_s: list[float] = field(default_factory=list)  # each epoch's training steps
     eval_s: list[float] = field(default_factory=list)  # each epoch's val evaluation
 
@@ -102,11 +107,11 @@ class TrialTime:
 
     @property
     def train_time_s(self) -> float:
-        return self.train_steps_s + self.train_fill_s + (self.bn_stats_s or 0.0)
+        return self.train_steps_s + self.train_fill_s + (self.bn_stats_s or 0.0) + self.train_copy_s
 
     @property
     def eval_time_s(self) -> float:
-        return sum(self.eval_s) + self.val_fill_s
+        return sum(self.eval_s) + self.val_fill_s + self.val_copy_s
 
     @property
     def time_per_epoch_s(self) -> float:

@@ -2,7 +2,9 @@
 
 One readable loop (:func:`fit`): batch, forward under autocast, backward, optimizer step; the
 epoch's training steps and its evaluation are timed by :mod:`sweeper.timing`, which defines
-every time metric.
+every time metric. On a GPU the train and val rows are placed once per trial
+(:mod:`sweeper.device`), and nothing in the step loop waits for the GPU: losses and accuracies
+are summed on the device and read once per epoch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import logging
 import math
 import resource
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from sweeper import timing
 from sweeper.data import Data, Normalize, Split
+from sweeper.device import autocast, rows_budget
 from sweeper.errors import UserError
 from sweeper.feeds import Feed, Feeds, image_feed
 from sweeper.model import FreezeNet
@@ -65,21 +67,6 @@ class FitResult:
         return max(e.val_acc for e in self.epochs)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but no CUDA device is available; "
-                        "use trainer.device=auto or trainer.device=cpu.")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def evaluate(model: FreezeNet, split: Split | Feed, normalize: Normalize, device: torch.device,
              batch_size: int, amp: bool = False) -> float:
@@ -88,12 +75,12 @@ def evaluate(model: FreezeNet, split: Split | Feed, normalize: Normalize, device
     ``split`` is images (run through ``normalize`` and the whole model) or a :class:`Feed`
     (such as cached frozen-prefix outputs; ``normalize`` is then unused).
     """
-    feed = split if isinstance(split, Feed) else image_feed(model, split, normalize, device)
+    feed = split if isinstance(split, Feed) else image_feed(model, split, normalize)
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in feed.batches(batch_size, device):
-        with _autocast(device, amp):
+        with autocast(device, amp):
             correct += (model.forward_trainable(feed.prepare(x)).argmax(1) == y).sum()
     model.train(was_training)
     return correct.item() / len(feed)
@@ -113,8 +100,16 @@ def make_optimizer(model: FreezeNet, optim: DictConfig, steps: int):
     return opt, sched
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start :func:`peak_memory_mb` afresh on a GPU (a process may run many trials); the CPU's
+    peak resident memory cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak resident memory."""
+    """Peak GPU memory allocated on CUDA (since :func:`reset_peak_memory`), else the process's
+    peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -138,13 +133,22 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
     opt, sched = make_optimizer(model, optim, steps_per_epoch * int(trainer.epochs))
     normalize = data.normalize.to(device)
     if feeds is None:
-        feeds = Feeds(*(image_feed(model, s, normalize, device) for s in (data.train, data.val, data.test)))
-    train, val = feeds.train.on(device), feeds.val.on(device)
+        feeds = Feeds(*(image_feed(model, s, normalize) for s in (data.train, data.val, data.test)))
+    result = FitResult(time if time is not None else feeds.time())
+    # Rows every epoch reads go to the GPU once where they fit (train first), not per batch.
+    budget = rows_budget(device, feeds.device_budget_mb)
+    with timing.measure(device) as copy:
+        train = feeds.train.on(device, budget)
+    result.time.train_copy_s = copy.s
+    if train is not feeds.train:
+        budget -= train.size_bytes
+    with timing.measure(device) as copy:
+        val = feeds.val.on(device, budget)
+    result.time.val_copy_s = copy.s
     # The trainable suffix is all autograd sees; compiling it is optional (trainer.compile).
     suffix = torch.compile(model.forward_trainable) if trainer.get("compile") else model.forward_trainable
     gen = torch.Generator().manual_seed(int(trainer.seed))
     loss_fn = nn.CrossEntropyLoss()
-    result = FitResult(time if time is not None else feeds.time())
     for epoch in range(int(trainer.epochs)):
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -154,7 +158,7 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
             for start in range(0, n_used, bs):
                 # x: cached prefix outputs, or images that prepare() runs through the frozen prefix
                 x, y = train.batch(order[start:start + bs], device)
-                with _autocast(device, bool(trainer.amp)):
+                with autocast(device, bool(trainer.amp)):
                     logits = suffix(train.prepare(x))
                     loss = loss_fn(logits, y)
                 opt.zero_grad(set_to_none=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import data as data_mod
 from sweeper import feeds, timing
+from sweeper.device import as_input, configure, gather, place_model, resolve_device
 from sweeper.errors import UserError
 from sweeper.model import FreezeNet, build, check_backbone
 from sweeper.pretrain import pretrain_run_id, resolve_weights
@@ -29,21 +29,19 @@ from sweeper.tracking import (
     environment_tags,
     train_command,
 )
-from sweeper.train import EpochStats, evaluate, fit, peak_memory_mb, resolve_device
+from sweeper.train import EpochStats, evaluate, fit, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
 
-def seed_everything(trainer: DictConfig) -> None:
-    """Seed Python, NumPy and torch; with ``deterministic`` also force deterministic kernels."""
+def seed_everything(trainer: DictConfig, device: torch.device) -> None:
+    """Seed Python, NumPy and torch; set the process up for ``device`` (with ``deterministic``,
+    deterministic kernels; :func:`sweeper.device.configure`)."""
     seed = int(trainer.seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if trainer.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    configure(device, bool(trainer.deterministic))
     if trainer.get("num_threads"):
         torch.set_num_threads(int(trainer.num_threads))
 
@@ -92,7 +90,8 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
 def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
                     on_epoch: Callable[[EpochStats], None] | None) -> dict[str, Any]:
     """The trial's steps, in data-flow order, each logged to ``run`` as soon as it is known."""
-    seed_everything(cfg.trainer)
+    seed_everything(cfg.trainer, device)
+    reset_peak_memory(device)
     data = data_mod.load(cfg.dataset)
     model = _model(cfg, run, len(data.classes), device)
     trainable, frozen = model.count_parameters()
@@ -134,10 +133,7 @@ def _model(cfg: DictConfig, run: Run, num_classes: int, device: torch.device) ->
     torch.manual_seed(int(cfg.trainer.seed))  # same head init whatever pretraining consumed
     model, _ = build(cfg.backbone, num_classes, int(cfg.freeze.unfrozen), state, origin,
                      transferred=cfg.freeze.get("transferred"))
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model
+    return place_model(model, device)
 
 
 def _ended_by(error: BaseException) -> State:
@@ -171,8 +167,9 @@ def adapt_batchnorm(model: FreezeNet, data: data_mod.Data, bn_stats: str, device
     normalize = data.normalize.to(device)
     images = data.train.images
     with timing.measure(device) as spent:
-        found = model.adapt_batchnorm(normalize(images[i:i + batch_size].to(device))
-                                      for i in range(0, len(images), batch_size))
+        batches = (as_input(normalize(gather(images, slice(i, i + batch_size), device)))
+                   for i in range(0, len(images), batch_size))
+        found = model.adapt_batchnorm(batches)
     log.info("freeze.bn_stats=target: %d frozen BatchNorm layers re-estimated on %d training "
              "images (%.2fs)", found, len(images), spent.s)
     return spent.s

@@ -24,6 +24,18 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` need CUDA: skipped where it is absent (CI), run by ``pytest -m gpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def outputs(tmp_path: Path) -> Path:
     """A fresh outputs/ folder (MLflow store, runs, checkpoints) for one test."""

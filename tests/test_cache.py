@@ -55,7 +55,7 @@ def _trained(make_cfg, *overrides: str, feed: str, unfrozen: int = 3):
         feeds = cache.for_trial(model, data, cfg.cache, None, cpu)
         assert feeds.train.cached and feeds.val.cached
     elif feed == "fp16-rounded":
-        feeds = cache.Feeds(*(cache.image_feed(model, s, data.normalize, cpu)
+        feeds = cache.Feeds(*(cache.image_feed(model, s, data.normalize)
                               for s in (data.train, data.val, data.test)))
         for f in (feeds.train, feeds.val):
             f.prepare = lambda x, p=f.prepare: p(x).half().float()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sweeper.feeds._keys import FORMAT, new_hash, tensor_bytes
+from sweeper.feeds._keys import FORMAT, chunked_digest, tensor_bytes
 
 MAGIC = b"SWEEPER-FEATURES\n"
 HEADER_BYTES = 4096  # data starts page-aligned, ready for a memory map
@@ -26,9 +26,7 @@ class CorruptEntry(Exception):
 
 
 def _checksum(data: torch.Tensor) -> str:
-    h = new_hash()
-    h.update(tensor_bytes(data))
-    return h.hexdigest()
+    return chunked_digest(tensor_bytes(data)).hex()
 
 
 def write(path: Path, key: str, rows: torch.Tensor, meta: dict) -> dict:
@@ -42,8 +40,8 @@ def write(path: Path, key: str, rows: torch.Tensor, meta: dict) -> dict:
     with open(tmp, "wb") as f:
         f.write(header.ljust(HEADER_BYTES, b" "))
         f.write(tensor_bytes(rows))
-        f.flush()
-        os.fsync(f.fileno())
+    # No fsync: an entry torn by a crash fails its size or checksum check and is rebuilt, and
+    # forcing GBs of entries to disk would cost seconds per entry.
     os.replace(tmp, path)  # readers see the whole entry or none
     return meta
 

@@ -2,7 +2,8 @@
 
 ``prepare(rows[idx])`` is ``FreezeNet.forward_trainable``'s input: cached frozen-prefix
 outputs cast to float, or uint8 images run through normalisation, augmentation and the
-frozen prefix every step.
+frozen prefix every step. Where the rows live during a trial, and how a batch reaches the
+training device, is :mod:`sweeper.device`'s decision.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from sweeper import timing
 from sweeper.data import Augment, Normalize, Split
+from sweeper.device import as_input, gather, keep_on_device, upload
 from sweeper.feeds._memory import MEMORY
 from sweeper.model import FreezeNet
 
@@ -41,21 +43,23 @@ class Feed:
     def cached(self) -> bool:
         return not self.source.startswith("images")
 
-    def on(self, device: torch.device) -> Feed:
-        """This feed with its rows on ``device`` when it is a GPU and they are in RAM (small
-        sets: no copy per step); memory-mapped rows stay put and are copied per batch."""
-        if device.type != "cuda" or self.mapped:
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of rows and labels, wherever they are."""
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.labels))
+
+    def on(self, device: torch.device, budget: int) -> Feed:
+        """This feed with rows and labels copied to ``device`` once, for a whole trial, when
+        :func:`sweeper.device.keep_on_device` says so (a GPU, within ``budget`` bytes);
+        otherwise itself, and its batches are copied one at a time."""
+        if not keep_on_device(self.size_bytes, device, budget):
             return self
-        return replace(self, rows=self.rows.to(device), labels=self.labels.to(device))
+        return replace(self, rows=upload(self.rows, device), labels=upload(self.labels, device))
 
     def batch(self, idx: torch.Tensor | slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows and labels at ``idx`` on ``device`` (pinned, non-blocking copies from the CPU)."""
-        x, y = self.rows[idx], self.labels[idx]
-        if x.device != device:
-            if device.type == "cuda":
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        return x, y
+        """Rows and labels at ``idx`` (on the rows' device) on ``device``
+        (:func:`sweeper.device.gather`: pinned, non-blocking copies from the CPU to a GPU)."""
+        return gather(self.rows, idx, device), gather(self.labels, idx, device)
 
     def batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), batch_size):
@@ -68,6 +72,7 @@ class Feeds:
     val: Feed
     test: Feed
     filled_s: float = 0.0  # time this trial actually spent filling entries
+    device_budget_mb: float | None = None  # cache.device_budget_mb: None = sweeper.device's rule
 
     def time(self) -> timing.TrialTime:
         """A trial's time, charged the recorded fill costs of these feeds' entries."""
@@ -91,25 +96,18 @@ class Feeds:
         }
 
 
-def _image_prepare(model: FreezeNet, normalize: Normalize, augment: Augment | None,
-                   device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def _image_prepare(model: FreezeNet, normalize: Normalize,
+                   augment: Augment | None) -> Callable[[torch.Tensor], torch.Tensor]:
     def prepare(x: torch.Tensor) -> torch.Tensor:
         if augment is not None:
             x = augment(x)
-        x = normalize(x)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return model.forward_frozen(x)
+        return model.forward_frozen(as_input(normalize(x)))
     return prepare
 
 
-def image_feed(model: FreezeNet, split: Split, normalize: Normalize, device: torch.device,
+def image_feed(model: FreezeNet, split: Split, normalize: Normalize,
                augment: Augment | None = None, why: str = "") -> Feed:
-    """A split fed as images: every step runs normalisation, ``augment`` and the frozen prefix."""
+    """A split fed as images: every step runs normalisation, ``augment`` and the frozen prefix
+    on the batch's device."""
     source = f"images ({why})" if why else "images"
-    return Feed(split.images, split.labels, _image_prepare(model, normalize, augment, device), source)
-
-
-def as_float(h: torch.Tensor) -> torch.Tensor:
-    """How cached rows are prepared for the trainable suffix: stored dtype -> float."""
-    return h.float()
+    return Feed(split.images, split.labels, _image_prepare(model, normalize, augment), source)

@@ -19,8 +19,9 @@ from filelock import FileLock
 from torch import nn
 
 from sweeper import timing
+from sweeper.device import as_input, autocast, gather
 from sweeper.feeds import _entries as entries
-from sweeper.feeds._feed import Feed, as_float
+from sweeper.feeds._feed import Feed
 from sweeper.feeds._keys import Prefix
 from sweeper.feeds._memory import MEMORY
 
@@ -32,18 +33,19 @@ FILL_BATCH = 256
 @torch.no_grad()
 def _run_units(units: list[nn.Module], rows: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
                device: torch.device, amp: bool, dtype: torch.dtype) -> torch.Tensor:
-    """``units`` applied to ``prepare(rows)`` in batches, gathered on the CPU as ``dtype``."""
+    """``units`` applied to ``prepare(rows)`` in batches on ``device``, gathered on the CPU as
+    ``dtype`` (cast on the device: fewer bytes cross to the host)."""
     assert not any(u.training for u in units), "frozen units must be in eval mode"
     out = None
     for start in range(0, len(rows), FILL_BATCH):
-        x = rows[start:start + FILL_BATCH].to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        x = gather(rows, slice(start, start + FILL_BATCH), device)
+        with autocast(device, amp):
             x = prepare(x)
             for unit in units:
                 x = unit(x)
         if out is None:
             out = torch.empty((len(rows), *x.shape[1:]), dtype=dtype)
-        out[start:start + len(x)] = x.to("cpu", dtype)
+        out[start:start + len(x)].copy_(x.to(dtype))
     return out
 
 
@@ -67,14 +69,13 @@ def _fill(prefix: Prefix, cut: int, directory: Path) -> tuple[torch.Tensor, dict
     model, device, normalize = prefix.model, prefix.device, prefix.normalize
 
     def images(x: torch.Tensor) -> torch.Tensor:
-        x = normalize(x)
-        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+        return as_input(normalize(x))
 
     parent = _find_parent(prefix, cut, directory)
     if parent is not None:
         j, parent_rows, parent_meta = parent
         with timing.measure(device) as spent:
-            rows = _run_units(list(model.units[j:cut]), parent_rows, as_float, device,
+            rows = _run_units(list(model.units[j:cut]), parent_rows, as_input, device,
                               prefix.amp, prefix.dtype)
         return rows, {"fill_time_s": timing.fill_cost(spent.s, parent_meta["fill_time_s"]),
                       "spent_s": spent.s, "cut": cut, "how": f"derived from cut {j}"}
@@ -95,7 +96,7 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, flo
     labels = prefix.split.labels
     if (hit := MEMORY.get(key)) is not None:
         rows, meta = hit
-        return Feed(rows, labels, as_float, "hit (memory)", meta["fill_time_s"], meta["nbytes"]), 0.0
+        return Feed(rows, labels, as_input, "hit (memory)", meta["fill_time_s"], meta["nbytes"]), 0.0
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{key}.feat"
     rows, how, spent, mapped = None, "hit (disk)", 0.0, False
@@ -115,4 +116,4 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, flo
     if not mapped and not MEMORY.put(key, rows, meta):
         rows, meta = entries.read(path, key, in_memory=False)  # over the budget: serve it from the file
         mapped = True
-    return Feed(rows, labels, as_float, how, meta["fill_time_s"], meta["nbytes"], mapped), spent
+    return Feed(rows, labels, as_input, how, meta["fill_time_s"], meta["nbytes"], mapped), spent

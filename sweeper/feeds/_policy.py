@@ -39,14 +39,20 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
     ``augment`` is random (then train runs through the frozen prefix every step, and the
     reason is logged); ``on`` is the same but a random train transform is a config error;
     ``off`` never caches. Fills and hits are timed and described for the trial's run.
+    ``cache.device_budget_mb`` caps the rows the trial keeps on a GPU (:meth:`Feed.on`).
     """
     mode = cache_mode(cache)
+    budget_mb = None if cache is None else cache.get("device_budget_mb")
+    if budget_mb is not None and (isinstance(budget_mb, bool) or not isinstance(budget_mb, int | float)
+                                  or budget_mb < 0):
+        raise UserError(f"cache.device_budget_mb={budget_mb}: use null (half the GPU memory free "
+                        "to the trial) or a number of MB >= 0 (0 copies every batch).")
     amp = amp and device.type == "cuda"  # bf16 autocast runs on CUDA only (sweeper.train)
     normalize = data.normalize.to(device)
     random_train = augment is not None and augment.random
 
     def images(split: Split, why: str, aug: Augment | None = None) -> Feed:
-        return image_feed(model, split, normalize, device, aug, why)
+        return image_feed(model, split, normalize, aug, why)
 
     if mode == "on" and random_train:
         raise UserError(
@@ -59,7 +65,8 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
         if model.cut == 0 and mode != "off":
             log.info("Feature cache: nothing to cache (no frozen unit)")
         aug = augment if random_train else None
-        return Feeds(images(data.train, why, aug), images(data.val, why), images(data.test, why))
+        return Feeds(images(data.train, why, aug), images(data.val, why), images(data.test, why),
+                     device_budget_mb=budget_mb)
 
     MEMORY.start_trial(int(float(cache.memory_budget_mb) * 2**20))
     directory = Path(str(cache.dir))
@@ -84,4 +91,4 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
                  feed.source, feed.nbytes / 2**20, ", memory-mapped" if feed.mapped else "",
                  feed.fill_time_s)
         out[name] = feed
-    return Feeds(**out, filled_s=filled_s)
+    return Feeds(**out, filled_s=filled_s, device_budget_mb=budget_mb)
