@@ -1,11 +1,14 @@
 """Naive freezing against this project's trial path, side by side, on the default trial.
 
     .venv/bin/python -m benchmarks.freeze_speed [--epochs N] [--seeds N] [--study default|every-depth|none]
-                                                [--naive-data loader|tensors] [--naive-fused] [OVERRIDE ...]
+                                                [--naive-data loader|tensors] [--naive-fused]
+                                                [--naive-workers N] [OVERRIDE ...]
 
 naive: the usual PyTorch recipe -- a ``DataLoader`` over a dataset that transforms one image
 at a time, ``requires_grad=False`` on the frozen units, the whole model in train mode, a full
-forward every step, torch's default optimizer implementation over the trainable parameters.
+forward every step, torch's default optimizer implementation over the trainable parameters;
+on a GPU also what the usual GPU recipe adds: pinned memory, bf16 autocast as
+``trainer.amp`` says, and channels_last (the same layout as ours).
 ours:  ``sweeper.train.fit`` fed by the frozen-prefix cache (``sweeper.feeds``), with the
 batched data path and the fused optimizer step of ``conf/optim``.
 
@@ -45,13 +48,14 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from sweeper import data as data_mod
-from sweeper import feeds
+from sweeper import feeds, timing
 from sweeper.config import compose, task_config
+from sweeper.device import as_input, autocast, place_model, resolve_device
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import resolve_weights
 from sweeper.study import make_sampler, parse_space, settings_in
 from sweeper.tracking import Param, Tag, Tracker
-from sweeper.train import fit, make_optimizer, resolve_device
+from sweeper.train import fit, make_optimizer, peak_memory_mb, reset_peak_memory
 from sweeper.trial import adapt_batchnorm, log_inputs, run_trial, seed_everything
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,28 +84,43 @@ class UsualDataset(torch.utils.data.Dataset):
         return self.transform(self.split.images[i]), int(self.split.labels[i])
 
 
-def naive_batches(split: data_mod.Split, normalize: data_mod.Normalize, bs: int, device,
-                  data_path: str, gen: torch.Generator | None = None):
-    """Batches of (normalised images, labels): shuffled with ``gen``, else in order.
+class NaiveBatches:
+    """One split's batches of (normalised images, labels) on ``device``, every time it is
+    iterated: shuffled with ``gen``, else in order.
 
-    ``loader``: a ``DataLoader`` over :class:`UsualDataset` (the usual recipe; no worker
-    processes, which on 2 cores would only compete with the model for the CPU).
+    ``loader``: a ``DataLoader`` over :class:`UsualDataset` (the usual recipe), made once, with
+    ``workers`` worker processes kept alive between epochs (0 on 2 CPU cores, where they would
+    only compete with the model) and pinned memory on a GPU.
     ``tensors``: this project's batched path (index the uint8 tensor, normalise the batch).
     """
-    n = len(split)
-    drop_last = gen is not None and n % bs == 1 and n > 1  # as sweeper.train: no batch of one
-    if data_path == "loader":
-        loader = DataLoader(UsualDataset(split, normalize), batch_size=bs, shuffle=gen is not None,
-                            generator=gen, drop_last=drop_last)
-        for x, y in loader:
-            yield x.to(device), y.to(device)
-        return
-    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
-    order = order[:n - 1] if drop_last else order
-    norm = normalize.to(device)
-    for start in range(0, len(order), bs):
-        idx = order[start:start + bs]
-        yield norm(split.images[idx].to(device)), split.labels[idx].to(device)
+
+    def __init__(self, split: data_mod.Split, normalize: data_mod.Normalize, bs: int,
+                 device: torch.device, data_path: str, gen: torch.Generator | None = None,
+                 workers: int = 0) -> None:
+        self.split, self.bs, self.device, self.gen = split, bs, device, gen
+        n = len(split)
+        self.drop_last = gen is not None and n % bs == 1 and n > 1  # as sweeper.train: no batch of one
+        self.loader = None
+        if data_path == "loader":
+            self.loader = DataLoader(UsualDataset(split, normalize), batch_size=bs,
+                                     shuffle=gen is not None, generator=gen, drop_last=self.drop_last,
+                                     num_workers=workers, persistent_workers=workers > 0,
+                                     pin_memory=device.type == "cuda")
+        self.norm = normalize.to(device)
+
+    def __iter__(self):
+        if self.loader is not None:
+            for x, y in self.loader:
+                yield (as_input(x.to(self.device, non_blocking=True)),
+                       y.to(self.device, non_blocking=True))
+            return
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.gen) if self.gen is not None else torch.arange(n)
+        order = order[:n - 1] if self.drop_last else order
+        for start in range(0, len(order), self.bs):
+            idx = order[start:start + self.bs]
+            yield (as_input(self.norm(self.split.images[idx].to(self.device))),
+                   self.split.labels[idx].to(self.device))
 
 
 def naive_optimizer(net: FreezeNet, cfg: DictConfig, steps: int, fused: bool):
@@ -114,34 +133,39 @@ def naive_optimizer(net: FreezeNet, cfg: DictConfig, steps: int, fused: bool):
 def naive_epochs(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device,
                  opts: argparse.Namespace):
     """The usual recipe, one epoch per ``next()``: yields (training time s, val accuracy)."""
-    model = nn.Sequential(*net.units, net.head).to(device)  # plain train(): frozen BN moves too
+    model = nn.Sequential(*net.units, net.head)  # plain train(): frozen BN moves too
+    place_model(model, device)
     bs, n = int(cfg.trainer.batch_size), len(data.train)
     n_used = n - 1 if n % bs == 1 and n > 1 else n
     opt, sched = naive_optimizer(net, cfg, math.ceil(n_used / bs) * int(cfg.trainer.epochs),
                                  opts.naive_fused)
     gen = torch.Generator().manual_seed(int(cfg.trainer.seed))
+    train = NaiveBatches(data.train, data.normalize, bs, device, opts.naive_data, gen, opts.naive_workers)
+    val = NaiveBatches(data.val, data.normalize, bs * 4, device, opts.naive_data, None, opts.naive_workers)
+    amp = bool(cfg.trainer.amp)
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(int(cfg.trainer.epochs)):
         model.train()
-        t0 = time.perf_counter()
-        for x, y in naive_batches(data.train, data.normalize, bs, device, opts.naive_data, gen):
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        elapsed = time.perf_counter() - t0
-        yield elapsed, naive_accuracy(model, data.val, data.normalize, device, bs * 4, opts)
+        with timing.measure(device) as steps:
+            for x, y in train:
+                with autocast(device, amp):
+                    loss = loss_fn(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        yield steps.s, naive_accuracy(model, val, len(data.val), device, amp)
 
 
 @torch.no_grad()
-def naive_accuracy(model: nn.Module, split: data_mod.Split, normalize, device, bs: int,
-                   opts: argparse.Namespace) -> float:
+def naive_accuracy(model: nn.Module, batches: NaiveBatches, n: int, device: torch.device,
+                   amp: bool) -> float:
     model.eval()
     correct = 0
-    for x, y in naive_batches(split, normalize, bs, device, opts.naive_data):
-        correct += int((model(x).argmax(1) == y).sum())
-    return correct / len(split)
+    for x, y in batches:
+        with autocast(device, amp):
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / n
 
 
 def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
@@ -150,7 +174,8 @@ def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
     run = Tracker(cfg.tracking).start(f"naive-unfrozen{cfg.freeze.unfrozen}",
                                       tags={Tag.KIND: "benchmark-naive"})
     log_inputs(run, cfg, [], None)  # the same MLflow writes as run_trial
-    seed_everything(cfg.trainer)
+    seed_everything(cfg.trainer, device)
+    reset_peak_memory(device)
     data = data_mod.load(cfg.dataset)
     state, origin = resolve_weights(cfg)
     torch.manual_seed(int(cfg.trainer.seed))
@@ -160,12 +185,15 @@ def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
         times.append(t)
         run.metrics({"epoch_time_s": t, "val_acc": val_acc}, step=epoch)
     model = nn.Sequential(*net.units, net.head)
-    test_acc = naive_accuracy(model, data.test, data.normalize, device,
-                              int(cfg.trainer.batch_size) * 4, opts)
+    test = NaiveBatches(data.test, data.normalize, int(cfg.trainer.batch_size) * 4, device,
+                        opts.naive_data, None, opts.naive_workers)
+    test_acc = naive_accuracy(model, test, len(data.test), device, bool(cfg.trainer.amp))
+    peak_mb = peak_memory_mb(device)
     run.metrics({"val_acc": val_acc, "test_acc": test_acc, "train_time_s": sum(times),
-                 "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                 "peak_memory_mb": peak_mb})
     run.end()
-    return {"val_acc": val_acc, "test_acc": test_acc, "train_time_s": sum(times)}
+    return {"val_acc": val_acc, "test_acc": test_acc, "train_time_s": sum(times),
+            "peak_memory_mb": peak_mb}
 
 
 # --- ours ----------------------------------------------------------------------------------
@@ -175,7 +203,7 @@ def ours_net(cfg: DictConfig, data: data_mod.Data, state, origin: str, unfrozen:
     """The trial's model (same seed, so the same head as naive's), with its frozen BatchNorm
     statistics re-estimated when ``bn_stats=target``."""
     torch.manual_seed(int(cfg.trainer.seed))
-    net = build(cfg.backbone, len(data.classes), unfrozen, state, origin)[0].to(device)
+    net = place_model(build(cfg.backbone, len(data.classes), unfrozen, state, origin)[0], device)
     adapt_batchnorm(net, data, bn_stats, device, int(cfg.trainer.batch_size))
     return net
 
@@ -214,7 +242,7 @@ def depth_table(cfg: DictConfig, opts: argparse.Namespace) -> None:
         fill = 0.0
         for seed in seeds:
             c = cfgs[seed]
-            seed_everything(c.trainer)
+            seed_everything(c.trainer, device)
             net_naive = ours_net(c, data, state, origin, unfrozen, device)
             net_ours = ours_net(c, data, state, origin, unfrozen, device)
             # Lockstep: one naive epoch after each of ours, so both see the same machine load.
@@ -254,6 +282,7 @@ def worker(kind: str, overrides: list[str], opts: argparse.Namespace) -> None:
                           "val_acc": result["val_acc"], "train_time_s": result["train_time_s"],
                           "test_acc": result["test_acc"],
                           "train_steps_s": result.get("train_steps_s", result["train_time_s"]),
+                          "peak_memory_mb": result["peak_memory_mb"],
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
               flush=True)
 
@@ -263,13 +292,14 @@ class Workers:
     trials they are sent; trials alternate between the two so both see the same machine load."""
 
     def __init__(self, overrides: list[str], opts: argparse.Namespace) -> None:
-        flags = [f"--naive-data={opts.naive_data}", *(["--naive-fused"] if opts.naive_fused else [])]
+        flags = [f"--naive-data={opts.naive_data}", f"--naive-workers={opts.naive_workers}",
+                 *(["--naive-fused"] if opts.naive_fused else [])]
         self.procs = {kind: subprocess.Popen(
             [sys.executable, "-m", "benchmarks.freeze_speed", "--part", "worker", "--kind", kind,
              *flags, *overrides], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for kind in ("naive", "ours")}
-        self.out = {kind: {"wall_s": 0.0, "cpu_s": 0.0, "steps_s": 0.0, "val_acc": [], "peak_rss_mb": 0.0}
-                    for kind in self.procs}
+        self.out = {kind: {"wall_s": 0.0, "cpu_s": 0.0, "steps_s": 0.0, "val_acc": [], "peak_rss_mb": 0.0,
+                           "peak_memory_mb": 0.0} for kind in self.procs}
         for kind in self.procs:
             self._answer(kind)  # imported and ready
         self.count = 0
@@ -293,6 +323,7 @@ class Workers:
             self.out[kind]["steps_s"] += res["train_steps_s"]
             self.out[kind]["val_acc"].append(res["val_acc"])
             self.out[kind]["peak_rss_mb"] = res["peak_rss_mb"]
+            self.out[kind]["peak_memory_mb"] = max(self.out[kind]["peak_memory_mb"], res["peak_memory_mb"])
         print(f"  trial {self.count - 1:>2}: naive {results['naive']['wall_s']:6.1f} s, "
               f"ours {results['ours']['wall_s']:6.1f} s, val {results['naive']['val_acc']:.3f} / "
               f"{results['ours']['val_acc']:.3f}  {' '.join(overrides)}", flush=True)
@@ -327,9 +358,9 @@ def default_study(workers: Workers, base: list[str], n_trials: int | None) -> li
     return trials
 
 
-def every_depth(workers: Workers, n_units: int, n_trials: int | None) -> list[list[str]]:
-    """Every depth 0..N once, in a fixed shuffled order, the config's learning rates."""
-    order = list(range(n_units + 1))
+def every_depth(workers: Workers, depths: list[int], n_trials: int | None) -> list[list[str]]:
+    """Every one of ``depths`` once, in a fixed shuffled order, the config's learning rates."""
+    order = list(depths)
     random.Random(0).shuffle(order)
     trials = [[f"freeze.unfrozen={u}"] for u in order[:n_trials or len(order)]]
     for overrides in trials:
@@ -373,6 +404,9 @@ def main() -> None:
                              "tensors: this project's batched data path")
     parser.add_argument("--naive-fused", action="store_true",
                         help="give naive the fused optimizer step too")
+    parser.add_argument("--naive-workers", type=int, default=0,
+                        help="DataLoader worker processes of naive's loader (0: load in the main "
+                             "process, right on 2 CPU cores)")
     parser.add_argument("--part", choices=("all", "worker", "budget"), default="all",
                         help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=("naive", "ours"), help=argparse.SUPPRESS)
@@ -407,15 +441,19 @@ def budget_check_line(base: list[str], work: Path) -> None:
           f"val_acc {budget['val_acc']:.3f}")
 
 
-def study_lines(cfg: DictConfig, args: argparse.Namespace, base: list[str], work: Path) -> None:
+def study_lines(cfg: DictConfig, args: argparse.Namespace, base: list[str], work: Path,
+                depths: list[int] | None = None) -> dict[str, dict]:
+    """Run the study both ways (``args.study``: default, or every one of ``depths``, by default
+    0..N), print its lines, and return each recipe's totals (:meth:`Workers.close`)."""
     study_base = [*base, f"cache.dir={work}/cache-study"]
     workers = Workers(study_base, args)
     if args.study == "default":
         print("study: the default study's trials (sampled for ours, replayed by naive)", flush=True)
         trials = default_study(workers, study_base, args.study_trials)
     else:
-        print("study: every depth once", flush=True)
-        trials = every_depth(workers, int(cfg.backbone.num_units), args.study_trials)
+        depths = list(range(int(cfg.backbone.num_units) + 1)) if depths is None else depths
+        print(f"study: every depth of {sorted(depths)} once", flush=True)
+        trials = every_depth(workers, depths, args.study_trials)
     res = workers.close()
     depths = [int(o.split("=")[1]) for t in trials for o in t if o.startswith(f"{Param.UNFROZEN}=")]
     print(f"study: {len(trials)} trials, unfrozen in this order: {depths}")
@@ -430,6 +468,7 @@ def study_lines(cfg: DictConfig, args: argparse.Namespace, base: list[str], work
           f"{res['ours']['steps_s']:.1f} s = {res['naive']['wall_s'] / res['ours']['steps_s']:.1f}x here")
     print(f"study wall time: naive {res['naive']['wall_s']:.1f} s, ours {res['ours']['wall_s']:.1f} s, "
           f"ratio {res['naive']['wall_s'] / res['ours']['wall_s']:.1f}x")
+    return res
 
 
 if __name__ == "__main__":

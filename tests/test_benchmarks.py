@@ -1,0 +1,26 @@
+"""The benchmarks run: the GPU benchmark's tiny mode goes through every part of it on a CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_the_gpu_benchmark_runs_end_to_end_in_its_tiny_mode(tmp_path):
+    env = {**os.environ, "SWEEPER_OUTPUTS": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_speed", "--tiny"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("device: ")
+    rows = {line.split()[0]: line for line in lines if line.split()[:1] in (["9"], ["2"], ["0"])}
+    assert set(rows) == {"9", "2", "0"}  # ResNet-18: all, layer4, head only
+    assert "all" in rows["9"] and "layer4.0.." in rows["2"] and "head" in rows["0"]
+    for part in ("study wall time: naive", "study bound:", "full fine-tuning through the whole data path",
+                 "layer4 trainable (unfrozen 2)", "head only:", "whole study:", "accuracy: ours+bn"):
+        assert any(part in line for line in lines), part
+    assert not list(tmp_path.glob("gpu_speed-*/cache-*"))  # GBs at full size: removed
