@@ -1,15 +1,19 @@
-"""Shared fixtures: tiny configs composed from the real conf/ tree, outputs in a temp folder."""
+"""Shared fixtures: tiny configs composed from the real conf/ tree, outputs in a temp folder,
+a throw-away PostgreSQL server (tests/servers.py)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from tests import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -77,3 +81,13 @@ def mlflow_client(outputs: Path):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL server (trust auth, 127.0.0.1 only) and an empty database."""
+    problem = servers.postgres_missing()
+    if problem:
+        pytest.skip(problem)
+    with servers.postgres() as url:
+        yield url

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 from sweeper.report import make_report
+from tests import servers
 
 from .test_report import _study  # noqa: TID252
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _api(port: int, path: str, body: dict | None = None) -> dict:
@@ -32,21 +22,10 @@ def _api(port: int, path: str, body: dict | None = None) -> dict:
 def test_mlflow_server_shows_study_trials_metrics_and_report(make_cfg, outputs):
     cfg, parent_id = _study(make_cfg, [0, 9], name="ui")
     make_report(cfg)
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{outputs}/mlflow.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                exps = _api(port, "experiments/search", {"max_results": 10})
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(1)
+    with servers.mlflow_server(outputs.parent / "server",
+                               backend_store_uri=f"sqlite:///{outputs}/mlflow.db") as server:
+        port = server.port
+        exps = _api(port, "experiments/search", {"max_results": 10})
         exp_id = next(e["experiment_id"] for e in exps["experiments"] if e["name"] == "sweeper")
         found = _api(port, "runs/search", {"experiment_ids": [exp_id],
                                            "filter": "tags.`sweeper.kind` = 'study'"})
@@ -61,6 +40,3 @@ def test_mlflow_server_shows_study_trials_metrics_and_report(make_cfg, outputs):
         listing = _api(port, f"artifacts/list?run_id={parent_id}&path=report")
         names = {f["path"] for f in listing["files"]}
         assert {"report/report.md", "report/pareto.png"} <= names
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

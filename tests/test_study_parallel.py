@@ -23,8 +23,11 @@ def sweep_cmd(outputs: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "sweeper.run", "-m", *TINY, f"paths.outputs={outputs}", *args]
 
 
-def start(outputs: Path, *args: str, log_name: str = "sweep") -> subprocess.Popen:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+def start(outputs: Path, *args: str, log_name: str = "sweep",
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m sweeper.run -m TINY ARGS`` in the background (in ``env``, by default this
+    process's), logging to ``<outputs>/../<log_name>.log``."""
+    env = {**(env or os.environ), "HYDRA_FULL_ERROR": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = open(outputs.parent / f"{log_name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(sweep_cmd(outputs, *args), cwd=ROOT, env=env, stdout=log,
