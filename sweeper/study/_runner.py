@@ -261,7 +261,16 @@ class StudyRunner:
         with self._mine_lock:
             self._mine.discard(trial._trial_id)
         now = self.storage.get_trial(trial._trial_id)
-        if now.state == TrialState.RUNNING:  # the job never got to tell: it failed outside it
+        if now.state == TrialState.RUNNING and _job_killed(error):
+            # Its process died without a word (scancel, out of memory, time limit, node
+            # gone): lost, as when a sweep is killed, and retried once.
+            reason = ("lost: its job was killed before it could report ("
+                      + " ".join(str(error).splitlines()[:2]) + ")")
+            with self.lock():
+                if _trials.mark_lost(self.storage, now, reason):
+                    self._after_lost(now, reason)
+            now = self.storage.get_trial(trial._trial_id)
+        elif now.state == TrialState.RUNNING:  # the job never got to tell: it failed outside it
             reason = (f"{type(error).__name__}: {error}" if error is not None
                       else "the job ended without reporting its trial")
             log.error("trial %d failed before it could report: %s", trial.number, reason)
@@ -373,6 +382,13 @@ class StudyRunner:
         except Exception as e:  # noqa: BLE001 - the study's results are already recorded
             log.warning("No report for study %s (%s); try: python -m sweeper.report "
                         "parent_run=%s", self.name, e, self.parent.run_id)
+
+
+def _job_killed(error: BaseException | None) -> bool:
+    """Whether a launcher's error says the job's process ended without a result: submitit
+    (Slurm or local) raises UncompletedJobError for a job cancelled, killed or out of time.
+    Matched by name, as submitit is an optional launcher."""
+    return error is not None and type(error).__name__ == "UncompletedJobError"
 
 
 def _table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
