@@ -166,10 +166,17 @@ def git_state() -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": str(dirty).lower()}
 
 
+# Where a run ran on a cluster: its Slurm job (and array task), to find its log and its
+# accounting (sacct -j JOB) from the run.
+SLURM_TAGS = {"slurm.job_id": "SLURM_JOB_ID", "slurm.array_job_id": "SLURM_ARRAY_JOB_ID",
+              "slurm.array_task_id": "SLURM_ARRAY_TASK_ID"}
+
+
 def environment_tags() -> dict[str, str]:
     tags = {f"version.{p}": metadata.version(p) for p in PACKAGES}
     tags["version.python"] = sys.version.split()[0]
     tags.update(git_state())
+    tags.update({tag: os.environ[var] for tag, var in SLURM_TAGS.items() if os.environ.get(var)})
     return tags
 
 
