@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up everything sweeper needs on a fresh Debian machine (Python 3.11): system packages
-# (offline Fashion-MNIST, PostgreSQL for the multi-machine tests), a virtualenv in .venv,
-# and the project with its test tools. Safe to run again.
+# (offline Fashion-MNIST; for the multi-machine tests PostgreSQL and a one-node Slurm
+# cluster: slurmctld/slurmd, munge, and slurmdbd on MariaDB for sacct), a virtualenv in
+# .venv, and the project with its test tools. Safe to run again. The tests start their own
+# servers (own folders, sockets and ports) and need none of these running as services.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-apt_packages=(dataset-fashion-mnist postgresql)
+apt_packages=(dataset-fashion-mnist postgresql slurm-wlm slurmdbd munge mariadb-server)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
