@@ -262,9 +262,9 @@ def slurm_cluster(base: Path, kill_wait_s: int = 5) -> Iterator[SlurmCluster]:
     """munged, MariaDB, slurmdbd, slurmctld and slurmd, all under ``base``, as root.
 
     slurmdbd (on MariaDB) is there because ``sacct``, which submitit reads to learn that a
-    job ended without a result (cancelled, killed, out of time), needs job accounting.
-    ``kill_wait_s`` is Slurm's KillWait: the time between SIGTERM and SIGKILL of a
-    cancelled job (submitit's jobs ignore the SIGTERM).
+    job ended without a result (cancelled, killed), needs job accounting. ``kill_wait_s`` is
+    Slurm's KillWait: the time a cancelled job's processes get between SIGTERM (which
+    submitit's jobs ignore) and SIGKILL; slurmd gives them about 5 s even when it is lower.
     """
     problem = slurm_missing()
     assert problem is None, problem

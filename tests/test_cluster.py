@@ -19,15 +19,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from sweeper._optuna import PROGRESS, rdb_url
+from sweeper.storage import rdb_url
 from tests import servers
 from tests.conftest import ROOT
 from tests.test_study import STUDY, check_consistent, study_runs
@@ -55,8 +57,14 @@ class Site:
                 f"hydra.sweeper.storage='{self.storage}'",
                 "tracking=server", f"tracking.uri={self.mlflow.url}"]
 
+    @cached_property
+    def optuna_storage(self) -> optuna.storages.RDBStorage:
+        """One connection pool for all the test's reads (it creates Optuna's tables if the
+        database has none yet)."""
+        return optuna.storages.RDBStorage(rdb_url(self.storage))
+
     def study(self, name: str = STUDY) -> optuna.Study:
-        return optuna.load_study(study_name=name, storage=rdb_url(self.storage))
+        return optuna.load_study(study_name=name, storage=self.optuna_storage)
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.mlflow.url)
@@ -69,7 +77,7 @@ def site(tmp_path_factory) -> Iterator[Site]:
             pytest.skip(problem)
     base = tmp_path_factory.mktemp("cluster")
     with ExitStack() as stack:
-        slurm = stack.enter_context(servers.slurm_cluster(base / "slurm", kill_wait_s=1))
+        slurm = stack.enter_context(servers.slurm_cluster(base / "slurm"))
         storage = stack.enter_context(servers.postgres())
         mlflow = stack.enter_context(servers.mlflow_server(base / "mlflow"))
         outputs = base / "shared" / "outputs"
@@ -162,26 +170,50 @@ def _summary(wall: float, times: dict[str, dict[str, str]]) -> str:
 @pytest.mark.cluster
 def test_a_job_cancelled_mid_trial_is_failed_and_retried(site, sweep):
     name = "scancel"
+    engine = sqlalchemy.create_engine(rdb_url(site.storage), poolclass=sqlalchemy.pool.NullPool)
+    site.optuna_storage  # noqa: B018 - Optuna's tables exist before the sweep and we poll them
     proc = sweep(name, f"hydra.sweeper.study_name={name}", "hydra.sweeper.n_trials=1",
-                 "trainer.epochs=20", "freeze.unfrozen=9")
-    client = site.client()
-    deadline = time.time() + 300
-    job = None
-    while job is None:  # wait until its trial is training (an epoch done), then cancel it
-        assert time.time() < deadline and proc.poll() is None, \
-            (site.outputs.parent / f"{name}.log").read_text()[-3000:]
-        time.sleep(0.5)
+                 "trainer.epochs=3", "freeze.unfrozen=9")
+    log = site.outputs.parent / f"{name}.log"
+
+    def until(what: str, ready: Callable[[], object]) -> object:
+        deadline = time.time() + 300
+        while not (found := ready()):
+            assert time.time() < deadline and proc.poll() is None, \
+                f"waiting for {what}:\n" + log.read_text()[-3000:]
+            time.sleep(0.2)
+        return found
+
+    def running_trial() -> optuna.trial.FrozenTrial | None:
         try:
             trials = site.study(name).trials
         except KeyError:  # the study is not there yet
-            continue
-        if trials and (trials[0].system_attrs.get(PROGRESS) or {}).get("epoch", 0) >= 1:
-            exp = client.get_experiment_by_name("sweeper")
-            (run,) = client.search_runs([exp.experiment_id], "tags.`optuna.study_name` = "
-                                        f"'{name}' and tags.`sweeper.kind` = 'trial'")
-            job = run.data.tags["slurm.job_id"]
-    assert site.slurm.jobs()[job] == "RUNNING"
-    site.slurm.run("scancel", job)
+            return None
+        return trials[0] if trials and trials[0].state == TrialState.RUNNING else None
+
+    def training_run():  # the trial's MLflow run, once it has logged an epoch
+        exp = site.client().get_experiment_by_name("sweeper")
+        runs = site.client().search_runs([exp.experiment_id], "tags.`optuna.study_name` = "
+                                         f"'{name}' and tags.`sweeper.kind` = 'trial'")
+        return runs[0] if runs and "epoch_time_s" in runs[0].data.metrics else None
+
+    trial = until("trial 0", running_trial)
+    (job,) = until("its Slurm job to run", lambda: [j for j, state in site.slurm.jobs().items()
+                                                     if state == "RUNNING"])
+    # submitit ignores scancel's SIGTERM, so a cancelled job lives on until Slurm's SIGKILL
+    # (5 s or more later), time enough for a fast trial to finish. To cancel it mid-trial
+    # whatever this machine's speed, hold the trial's row in PostgreSQL (as a busy database
+    # would): the job still trains and logs to MLflow, but its first new Optuna record (epoch
+    # 1's progress) waits on the row, and so would its result, until Slurm has killed it.
+    with engine.connect() as conn, conn.begin():
+        conn.execute(sqlalchemy.text("SELECT 1 FROM trials WHERE trial_id = :id FOR UPDATE"),
+                     {"id": trial._trial_id})
+        assert "sweeper:progress" not in site.study(name).trials[0].system_attrs, \
+            "the job reached epoch 1 before the test could hold its trial"
+        run = until("the trial to train an epoch", training_run)
+        assert run.data.tags["slurm.job_id"] == job  # the run names its job
+        site.slurm.run("scancel", job)
+        until("the cancelled job to end", lambda: job not in site.slurm.jobs())
     finish(proc, site.outputs, name)
 
     study = site.study(name)
@@ -190,10 +222,12 @@ def test_a_job_cancelled_mid_trial_is_failed_and_retried(site, sweep):
     assert "killed" in lost.user_attrs["error"] and "CANCELLED" in lost.user_attrs["error"]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == lost.number
     assert retry.params == lost.params
+    client = site.client()
     check_consistent(study, client)  # the cancelled trial's run FAILED, nothing RUNNING
     parent, children = study_runs(client, name)
     assert parent.info.status == "FINISHED"
     (lost_run,) = [r for r in children if r.data.tags["optuna.trial_number"] == "0"]
+    assert lost_run.info.run_id == run.info.run_id
     assert lost_run.info.status == "FAILED" and "CANCELLED" in lost_run.data.tags["error"]
     (retry_run,) = [r for r in children if r.data.tags["optuna.trial_number"] == "1"]
     retry_job = retry_run.data.tags["slurm.job_id"]
