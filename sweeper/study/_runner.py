@@ -262,8 +262,8 @@ class StudyRunner:
             self._mine.discard(trial._trial_id)
         now = self.storage.get_trial(trial._trial_id)
         if now.state == TrialState.RUNNING and _job_killed(error):
-            # Its process died without a word (scancel, out of memory, time limit, node
-            # gone): lost, as when a sweep is killed, and retried once.
+            # Its process died without a word (scancel, killed for its memory, node gone):
+            # lost, as when a sweep is killed, and retried once.
             reason = ("lost: its job was killed before it could report ("
                       + " ".join(str(error).splitlines()[:2]) + ")")
             with self.lock():
@@ -386,8 +386,8 @@ class StudyRunner:
 
 def _job_killed(error: BaseException | None) -> bool:
     """Whether a launcher's error says the job's process ended without a result: submitit
-    (Slurm or local) raises UncompletedJobError for a job cancelled, killed or out of time.
-    Matched by name, as submitit is an optional launcher."""
+    (Slurm or local) raises UncompletedJobError for a job cancelled or killed. Matched by
+    name, as submitit is an optional launcher."""
     return error is not None and type(error).__name__ == "UncompletedJobError"
 
 
