@@ -187,7 +187,6 @@ class SlurmCluster:
     base: Path
     env: dict[str, str]
     partition: str
-    cpus: int
     kill_wait_s: int
 
     def run(self, *cmd: str, check: bool = True) -> str:
@@ -310,7 +309,7 @@ def slurm_cluster(base: Path, kill_wait_s: int = 5) -> Iterator[SlurmCluster]:
         f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_memory_mb()} "
         "State=UNKNOWN",
         f"PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
-    cluster = SlurmCluster(base, env, partition, cpus, kill_wait_s)
+    cluster = SlurmCluster(base, env, partition, kill_wait_s)
 
     def ok(*cmd: str) -> Callable[[], bool]:
         return lambda: subprocess.run(list(cmd), env=env, capture_output=True,
