@@ -261,7 +261,7 @@ class StudyRunner:
         with self._mine_lock:
             self._mine.discard(trial._trial_id)
         now = self.storage.get_trial(trial._trial_id)
-        if now.state == TrialState.RUNNING and _job_killed(error):
+        if now.state == TrialState.RUNNING and _trials.job_killed(error):
             # Its process died without a word (scancel, killed for its memory, node gone):
             # lost, as when a sweep is killed, and retried once.
             reason = ("lost: its job was killed before it could report ("
@@ -382,13 +382,6 @@ class StudyRunner:
         except Exception as e:  # noqa: BLE001 - the study's results are already recorded
             log.warning("No report for study %s (%s); try: python -m sweeper.report "
                         "parent_run=%s", self.name, e, self.parent.run_id)
-
-
-def _job_killed(error: BaseException | None) -> bool:
-    """Whether a launcher's error says the job's process ended without a result: submitit
-    (Slurm or local) raises UncompletedJobError for a job cancelled or killed. Matched by
-    name, as submitit is an optional launcher."""
-    return error is not None and type(error).__name__ == "UncompletedJobError"
 
 
 def _table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:

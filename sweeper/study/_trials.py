@@ -4,7 +4,8 @@ job cannot tell (it failed before it could, or its process or machine is gone).
 Optuna 5 keeps heartbeats for RDB storages only, and only inside ``study.optimize``; trials
 here are asked and told across processes, so the heartbeat is ours, the same for every
 storage: a trial system attribute with a timestamp, refreshed while the trial runs. A trial
-without one for ``grace_period`` seconds is lost: failed, marked, and retried once.
+without one for ``grace_period`` seconds, or whose job its launcher reports killed, is lost:
+failed, marked, and retried once.
 """
 
 from __future__ import annotations
@@ -103,6 +104,13 @@ def mark_lost(storage: BaseStorage, trial: FrozenTrial, reason: str) -> bool:
         return bool(storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL))
     except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
         return False
+
+
+def job_killed(error: BaseException | None) -> bool:
+    """Whether a launcher's error says the job's process ended without a result, so that its
+    trial is lost rather than failed: submitit (Slurm or local) raises UncompletedJobError for
+    a job cancelled or killed. Matched by name, as submitit is an optional launcher."""
+    return error is not None and type(error).__name__ == "UncompletedJobError"
 
 
 def counts_toward_total(trial: FrozenTrial) -> bool:
