@@ -1,19 +1,34 @@
 """Where the configs are and how code composes them: ``conf/``, its resolvers, the task config.
 
 ``conf/`` is the one place that decides defaults, paths (``conf/paths``) and unit counts
-(``conf/backbone/<name>.yaml: num_units``); code that needs one of them outside a Hydra entry
-point composes the config here rather than repeating the value.
+(``backbone.num_units``: written in ``conf/backbone/<family>.yaml`` for the six hand-cut
+families, derived from the model by the ``sweeper.num_units`` resolver of
+:mod:`sweeper.model` for the others); code that needs one of them outside a Hydra entry point
+composes the config here rather than repeating the value.
+
+Where ``conf/`` is, decided here and nowhere else: it lives at the top of the repository and
+ships inside the package as ``sweeper.conf`` (``pyproject.toml`` maps the folder there, for a
+wheel and for an editable install alike), so Hydra finds it through its package search path
+``pkg://sweeper.conf`` from any folder. A user's ``--config-dir`` or ``hydra.searchpath``
+adds folders beside it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
+CONF_PACKAGE = "sweeper.conf"
+try:
+    # The packaged configs: a checkout's conf/ (editable install) or site-packages/sweeper/conf.
+    CONF_DIR = Path(str(resources.files(CONF_PACKAGE)))
+    CONFIG_PATH = f"pkg://{CONF_PACKAGE}"  # what @hydra.main and compose() search first
+except ModuleNotFoundError:  # a checkout on PYTHONPATH, not installed: its conf/ folder
+    CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+    CONFIG_PATH = str(CONF_DIR)
 
 # Config arithmetic: unfrozen = num_units - transferred (conf/treatment/), and the end of an
 # inclusive range of depths (conf/experiment/yosinski.yaml).
@@ -25,9 +40,13 @@ def compose(name: str = "config", overrides: Sequence[str] = (), *,
             return_hydra_config: bool = False) -> DictConfig:
     """``conf/<name>.yaml`` composed with Hydra ``overrides``, as an entry point would see it."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_dir, initialize_config_module
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    if CONFIG_PATH.startswith("pkg://"):
+        init = initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3")
+    else:
+        init = initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3")
+    with init:
         return hydra_compose(name, overrides=list(overrides),
                              return_hydra_config=return_hydra_config)
 

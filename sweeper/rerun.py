@@ -2,8 +2,8 @@
 
 The trial's resolved config is read back from its MLflow run (artifact ``config.yaml``), so
 the re-run does not depend on today's defaults in ``conf/``. The new run is logged in the
-same experiment, tagged ``rerun_of=RUN_ID``; a warning says so when the code version (git
-commit or uncommitted changes) differs from the one the original ran with. On CPU with
+same experiment, tagged ``rerun_of=RUN_ID``; a warning says so when the code version (sweeper
+version, git commit or uncommitted changes) differs from the one the original ran with. On CPU with
 ``trainer.deterministic=true`` the validation accuracy is reproduced exactly.
 
 Extra ``key=value`` arguments override the logged config (e.g. ``trainer.device=cuda``).
@@ -64,7 +64,7 @@ def logged_config(run_id: str, tracking_uri: str) -> tuple[DictConfig, Any]:
 def rerun(run_id: str, tracking_uri: str | None = None, overrides: list[str] | None = None
           ) -> dict[str, Any]:
     """Re-run trial ``run_id`` from its logged config; returns the new trial's results."""
-    from sweeper.tracking import git_state
+    from sweeper.tracking import code_version
     from sweeper.trial import run_trial
 
     uri = tracking_uri or default_uri()
@@ -77,12 +77,13 @@ def rerun(run_id: str, tracking_uri: str | None = None, overrides: list[str] | N
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         except Exception as e:  # noqa: BLE001 - a malformed override is the user's to fix
             raise UserError(f"Could not apply overrides {overrides}: {e}") from None
-    then = {k: original.data.tags.get(k, "unknown") for k in ("git_commit", "git_dirty")}
-    now = git_state()
+    now = code_version()
+    then = {k: original.data.tags.get(k, "unknown") for k in now}
     if then != now or now["git_dirty"] == "true":
-        log.warning("Code version differs from the original run: it ran %s (dirty: %s), this is "
-                    "%s (dirty: %s). Results may differ.", then["git_commit"][:12],
-                    then["git_dirty"], now["git_commit"][:12], now["git_dirty"])
+        log.warning("Code version differs from the original run: it ran sweeper %s at %s (dirty: "
+                    "%s), this is sweeper %s at %s (dirty: %s). Results may differ.",
+                    then["version.sweeper"], then["git_commit"][:12], then["git_dirty"],
+                    now["version.sweeper"], now["git_commit"][:12], now["git_dirty"])
     result = run_trial(cfg, tags={"rerun_of": run_id})
     before = original.data.metrics.get("val_acc")
     log.info("val_acc: original %s, re-run %.4f%s", before, result["val_acc"],

@@ -8,11 +8,11 @@ import hydra
 from omegaconf import DictConfig
 
 from sweeper import study
-from sweeper.config import CONF_DIR
+from sweeper.config import CONFIG_PATH
 from sweeper.trial import run_trial
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Hydra's task function: one trial; under the Optuna sweeper, one trial of its study
     (reported to Optuna every epoch, for pruning). Returns its objectives and final metrics."""

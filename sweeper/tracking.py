@@ -7,6 +7,7 @@ ends in (:class:`State`) and how the command that trains a trial again is writte
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -25,13 +26,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.config import PROJECT_ROOT, task_config
+from sweeper.config import task_config
 
 log = logging.getLogger(__name__)
 for _noisy in ("alembic", "mlflow.store.db.utils"):  # schema set-up chatter on a new store
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
-PACKAGES = ("torch", "torchvision", "hydra-core", "optuna", "mlflow")
+PACKAGES = ("sweeper", "torch", "torchvision", "timm", "hydra-core", "optuna", "mlflow")
+# The checkout this code runs from, when it does (an editable install); an installed wheel has
+# no git state of its own (its site-packages may even sit inside someone else's repository).
+_CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 class Tag(StrEnum):
@@ -153,17 +157,37 @@ def config_params(cfg: DictConfig, only: tuple[str, ...] | None = None) -> dict[
     return {k: str(v) for k, v in flatten(tree).items()}
 
 
-def git_state() -> dict[str, str]:
-    """The commit of the code that runs, and whether its work tree has uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
+def code_version() -> dict[str, str]:
+    """Which code runs (tags ``git_commit``, ``git_dirty``, ``version.sweeper``): the commit and
+    whether it has uncommitted changes, from git when it runs from a checkout; for an installed
+    package, the commit pip recorded when it was installed from a git URL (PEP 610), else
+    ``unknown`` (``version.sweeper`` still says which release it is)."""
+    version = {"version.sweeper": _version("sweeper")}
+    if (_CHECKOUT / ".git").exists() and (_CHECKOUT / "pyproject.toml").is_file():
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=_CHECKOUT, capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip()
+        try:
+            commit = git("rev-parse", "HEAD")
+            dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        except (OSError, subprocess.SubprocessError):
+            return {"git_commit": "unknown", "git_dirty": "unknown", **version}
+        return {"git_commit": commit, "git_dirty": str(dirty).lower(), **version}
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+        origin = json.loads(metadata.distribution("sweeper").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        origin = {}
+    commit = origin.get("vcs_info", {}).get("commit_id")
+    if commit:
+        return {"git_commit": commit, "git_dirty": "false", **version}
+    return {"git_commit": "unknown", "git_dirty": "unknown", **version}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 # Where a run ran on a cluster: its Slurm job (and array task), to find its log and its
@@ -173,9 +197,9 @@ SLURM_TAGS = {"slurm.job_id": "SLURM_JOB_ID", "slurm.array_job_id": "SLURM_ARRAY
 
 
 def environment_tags() -> dict[str, str]:
-    tags = {f"version.{p}": metadata.version(p) for p in PACKAGES}
+    tags = {f"version.{p}": _version(p) for p in PACKAGES}
     tags["version.python"] = sys.version.split()[0]
-    tags.update(git_state())
+    tags.update(code_version())
     tags.update({tag: os.environ[var] for tag, var in SLURM_TAGS.items() if os.environ.get(var)})
     return tags
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny configs composed from the real conf/ tree, outputs in a temp folder,
-a throw-away PostgreSQL server (tests/servers.py)."""
+"""Shared fixtures: tiny configs composed from the real conf/ tree (sweeper.config.CONF_DIR),
+outputs in a temp folder, a throw-away PostgreSQL server (tests/servers.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from sweeper.config import CONF_DIR as CONF
 from tests import servers
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 
 # Small and fast: random-init ResNet-18 on 32 px FakeData, one epoch.
 TINY = [

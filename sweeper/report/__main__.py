@@ -10,11 +10,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from sweeper.config import CONF_DIR
+from sweeper.config import CONFIG_PATH
 from sweeper.report import make_design_report, make_report, show
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
 def main(cfg: DictConfig) -> None:
     """Report on a study (the latest by default) or a designed experiment, from conf/report.yaml."""
     if cfg.design:
