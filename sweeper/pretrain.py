@@ -9,10 +9,10 @@
   that determines it (backbone, source data, optimiser, epochs, seed), written atomically
   under a file lock so parallel trials pretrain once, and its pretraining is logged as an
   MLflow run of its own (tag ``sweeper.kind=pretrain``);
-- ``DEFAULT`` or an enum name such as ``IMAGENET1K_V1``: torchvision's weights
-  (:func:`sweeper.model.from_torchvision`);
-- a path to a state dict of the torchvision architecture (:func:`sweeper.model.from_file`);
-- ``none``: random initialisation (training from scratch).
+- ``DEFAULT`` or a name the backbone's library knows (a torchvision enum name such as
+  ``IMAGENET1K_V1``, a timm tag such as ``a1_in1k``): :func:`sweeper.model.named_weights`;
+- a path to a state dict of the architecture (:func:`sweeper.model.weights_from_file`);
+- ``none``: no weights loaded (random initialisation; a custom backbone as its builder made it).
 """
 
 from __future__ import annotations
@@ -29,21 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import data as data_mod
 from sweeper.device import place_model, resolve_device
-from sweeper.model import (
-    FAMILIES,
-    StateDict,
-    backbone_kwargs,
-    build,
-    from_file,
-    from_torchvision,
-)
+from sweeper.model import StateDict, build, identity, named_weights, weights_from_file
 from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
 from sweeper.train import evaluate, fit
 
 log = logging.getLogger(__name__)
 
-# Where the data comes from does not change the checkpoint: leave it out of the key.
-_NOT_IN_KEY = ("root", "debian_dir", "download")
 _SOURCE = "source:"  # the origin of source-pretrained weights: "source:<checkpoint path>"
 
 
@@ -51,16 +42,16 @@ def resolve_weights(cfg: DictConfig) -> tuple[StateDict | None, str]:
     """The state dict that ``cfg.backbone.weights`` asks for, and a description of its origin
     (tag ``weights``); ``source`` pretrains the checkpoint first if it is not there yet."""
     weights = cfg.backbone.weights
-    name = cfg.backbone.name
     if weights is None or str(weights).lower() == "none":
         return None, "none"
     weights = str(weights)
     if weights == "source":
         path = source_checkpoint(cfg)
-        return from_file(path), f"{_SOURCE}{path}"
-    if "/" in weights or weights.endswith((".pt", ".pth", ".bin")) or Path(weights).exists():
-        return from_file(weights), weights
-    return from_torchvision(name, weights), f"torchvision:{FAMILIES[name].weights_enum.__name__}.{weights}"
+        return weights_from_file(cfg.backbone, str(path)), f"{_SOURCE}{path}"
+    if "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")) \
+            or Path(weights).exists():
+        return weights_from_file(cfg.backbone, weights), weights
+    return named_weights(cfg.backbone, weights)
 
 
 def pretrain_run_id(origin: str) -> str | None:
@@ -73,12 +64,13 @@ def pretrain_run_id(origin: str) -> str | None:
 
 
 def checkpoint_key(cfg: DictConfig) -> dict:
+    """What determines a source checkpoint: the network and the source task, not their labels
+    or where a copy of the data is kept."""
     source = OmegaConf.to_container(cfg.source, resolve=True)
-    for k in _NOT_IN_KEY:
+    for k in ("name", *data_mod.check(cfg.source.dataset).location):
         source["dataset"].pop(k, None)
     source["trainer"].pop("device", None)
-    backbone = {"name": cfg.backbone.name, "kwargs": backbone_kwargs(cfg.backbone)}
-    return {"backbone": backbone, "source": source}
+    return {"backbone": identity(cfg.backbone), "source": source}
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:

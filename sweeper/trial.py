@@ -46,16 +46,30 @@ def seed_everything(trainer: DictConfig, device: torch.device) -> None:
         torch.set_num_threads(int(trainer.num_threads))
 
 
-def _hydra_context() -> tuple[list[str], Path | None]:
-    """The task overrides and the ``.hydra/`` folder of the running Hydra job, if any."""
+def _hydra_context() -> tuple[list[str], list[str], Path | None]:
+    """The running Hydra job's task overrides, the command-line flags that found its configs
+    (a user's ``--config-dir``, ``--config-name``, ``hydra.searchpath``: a printed command
+    needs them to work as printed), and its ``.hydra/`` folder, if any."""
     from hydra.core.hydra_config import HydraConfig
 
+    from sweeper.config import CONFIG_PATH
+
     if not HydraConfig.initialized():
-        return [], None
+        return [], [], None
     hc = HydraConfig.get()
     subdir = hc.output_subdir
     folder = Path(hc.runtime.output_dir) / subdir if subdir else None
-    return list(hc.overrides.task), folder
+    flags = []
+    packaged = {CONFIG_PATH, f"file://{CONFIG_PATH}"}
+    for source in hc.runtime.config_sources:  # paths without their scheme
+        if source.provider == "main" and f"{source.schema}://{source.path}" not in packaged:
+            flags.append(f"--config-path={source.path}")
+        elif source.provider == "command-line":
+            flags.append(f"--config-dir={source.path}")
+    if hc.job.config_name != "config":
+        flags.append(f"--config-name={hc.job.config_name}")
+    flags += [o for o in hc.overrides.hydra if o.split("=", 1)[0].lstrip("+~") == "hydra.searchpath"]
+    return list(hc.overrides.task), flags, folder
 
 
 def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
@@ -69,14 +83,15 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     ends it FAILED with the reason in tag ``error``.
     """
     check_backbone(cfg.backbone, cfg.freeze.unfrozen, cfg.freeze.get("transferred"))
+    data_mod.check(cfg.dataset)
     _bn_stats(cfg)
     device = resolve_device(str(cfg.trainer.device))
-    overrides, hydra_dir = _hydra_context()
+    overrides, flags, hydra_dir = _hydra_context()
     run = Tracker(cfg.tracking).start(
-        f"{cfg.backbone.name}-unfrozen{int(cfg.freeze.unfrozen)}",
+        f"{cfg.backbone.name}-{cfg.dataset.name}-unfrozen{int(cfg.freeze.unfrozen)}",
         tags={Tag.KIND: Kind.TRIAL, **(tags or {})}, parent_run_id=parent_run_id)
     try:
-        log_inputs(run, cfg, overrides, hydra_dir)
+        log_inputs(run, cfg, overrides, hydra_dir, flags)
         result = _train_and_test(cfg, run, device, on_epoch)
     except BaseException as e:
         run.finish(_ended_by(e), e)
@@ -175,14 +190,16 @@ def adapt_batchnorm(model: FreezeNet, data: data_mod.Data, bn_stats: str, device
     return spent.s
 
 
-def log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path | None) -> None:
-    """What it takes to understand and re-run the trial: config, overrides, code, versions."""
+def log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path | None,
+               flags: list[str] = ()) -> None:
+    """What it takes to understand and re-run the trial: config, overrides (and the flags that
+    found a user's config folders), code, versions."""
     run.params(config_params(cfg))
     run.tags({
         **environment_tags(),
         Tag.OVERRIDES: " ".join(overrides),
         Tag.COMMAND: command_line(),
-        Tag.RERUN_COMMAND: train_command(overrides),
+        Tag.RERUN_COMMAND: train_command([*flags, *overrides]),
     })
     run.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     if hydra_dir is not None and hydra_dir.is_dir():

@@ -63,12 +63,21 @@ def _trained(make_cfg, *overrides: str, feed: str, unfrozen: int = 3):
     return model.state_dict(), feeds
 
 
-def test_cache_trains_the_same_weights_as_the_frozen_prefix_in_eval_mode(make_cfg):
-    # fp32 storage: bit-identical to running the frozen prefix (eval mode) every step.
-    reference, _ = _trained(make_cfg, feed="images")
-    cached, feeds = _trained(make_cfg, "cache.dtype=float32", feed="cached")
+CUSTOM = ("backbone=custom", "backbone.target=tests.nets.Tiny", "backbone.units=[stem,body]",
+          "backbone.head=fc")
+
+
+@pytest.mark.parametrize(("backbone", "unfrozen"), [((), 3), (CUSTOM, 1)],
+                         ids=["resnet18", "custom"])
+def test_cache_trains_the_same_weights_as_the_frozen_prefix_in_eval_mode(make_cfg, backbone,
+                                                                          unfrozen):
+    # fp32 storage: bit-identical to running the frozen prefix (eval mode) every step; for
+    # the hand-cut families and for units cut from a traced forward alike.
+    reference, _ = _trained(make_cfg, *backbone, feed="images", unfrozen=unfrozen)
+    cached, feeds = _trained(make_cfg, *backbone, "cache.dtype=float32", feed="cached",
+                             unfrozen=unfrozen)
     assert feeds.train.rows.dtype == torch.float32
-    initial = _model(make_cfg(), data_mod.load(make_cfg().dataset), 3).state_dict()
+    initial = _model(make_cfg(*backbone), data_mod.load(make_cfg().dataset), unfrozen).state_dict()
     assert any(not torch.equal(reference[k], initial[k]) for k in reference)  # it did train
     for name, want in reference.items():
         assert torch.equal(cached[name], want), name

@@ -35,6 +35,15 @@ def test_unknown_dataset_lists_the_valid_ones(cli):
     _fails_cleanly(cli("dataset=mnist"), "Could not find 'dataset/mnist'", "fashion_mnist")
 
 
+def test_a_key_nothing_reads_is_named_not_ignored(cli):
+    _fails_cleanly(cli("+backbone._target_=torchvision.models.resnet34"),
+                   "backbone._target_ is not a setting of a torchvision backbone",
+                   "backbone=torchvision backbone.arch=NAME")
+    _fails_cleanly(cli("+dataset.train_per_clas=5"), "dataset.train_per_clas is not a setting")
+    _fails_cleanly(cli("backbone=torchvision", "backbone.arch=resnet9000", flags=("-m",)),
+                   "is not a torchvision classification model", "resnet34")
+
+
 def test_unfrozen_out_of_range(cli):
     _fails_cleanly(cli("freeze.unfrozen=10"), "freeze.unfrozen=10 is outside 0..9")
 

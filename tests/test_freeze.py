@@ -1,18 +1,17 @@
-"""Freezing is complete for every backbone family: what users rely on when they freeze units."""
+"""Freezing is complete for every backbone family and every kind of backbone (any torchvision or
+timm model, a user's own module): what users rely on when they freeze units."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from sweeper.config import CONF_DIR
 from sweeper.model import FAMILIES, build
 from sweeper.train import make_optimizer
 
 CONF = OmegaConf.create
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _backbone(name: str, num_units: int):
@@ -22,6 +21,20 @@ def _backbone(name: str, num_units: int):
 
 def _num_units(name: str) -> int:
     return OmegaConf.load(CONF_DIR / "backbone" / f"{name}.yaml").num_units
+
+
+def _other(kind: str, **settings):
+    """A backbone of another kind: any torchvision or timm model, or a user's own module."""
+    node = {"name": kind, "kind": kind, "num_units": "${sweeper.num_units:}", "weights": None,
+            "kwargs": {}, **settings}
+    return OmegaConf.create({"backbone": node}).backbone
+
+
+# One backbone of each other kind, held to the same contract as the six families.
+OTHERS = {"torchvision:resnet34": lambda: _other("torchvision", arch="resnet34"),
+          "timm:resnet18": lambda: _other("timm", arch="resnet18"),
+          "custom:tests.nets.Tiny": lambda: _other("custom", target="tests.nets.Tiny",
+                                                   units=["stem", "body"], head="fc")}
 
 
 OPTIM = CONF({"lr_head": 0.1, "lr_backbone": 0.1, "weight_decay": 0.01, "schedule": "cosine",
@@ -49,19 +62,20 @@ def test_units_cover_every_parameter_once(name):
     seen = [id(p) for unit in model.units for p in unit.parameters()]
     seen += [id(p) for p in model.head.parameters()]
     assert len(seen) == len(set(seen)), "a parameter belongs to two units"
-    replaced = FAMILIES[name].replaced_keys
+    replaced = FAMILIES[name].classifier + "."
     backbone_params = {id(p) for k, p in tv_model.named_parameters() if not k.startswith(replaced)}
     unit_params = {id(p) for unit in model.units for p in unit.parameters()}
     assert unit_params == backbone_params
     assert model.num_units == _num_units(name) == len(model.unit_names)
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", [*FAMILIES, *OTHERS])
 def test_frozen_prefix_does_not_move_and_the_rest_trains(name):
     torch.manual_seed(0)
-    n = _num_units(name)
+    cfg = OTHERS[name]() if name in OTHERS else _backbone(name, _num_units(name))
+    n = int(cfg.num_units)
     unfrozen = max(1, n // 3)
-    model, _ = build(_backbone(name, n), 3, unfrozen, None)
+    model, _ = build(cfg, 3, unfrozen, None)
     frozen = model.frozen_units()
     before = {k: v.clone() for u, unit in enumerate(frozen) for k, v in
               ((f"{u}.{k}", v) for k, v in unit.state_dict().items())}  # params and BN buffers
@@ -115,7 +129,7 @@ def test_units_compute_the_torchvision_forward(name):
     tv_model.eval()
     model.eval()
     head = model.head[-1] if isinstance(model.head, torch.nn.Sequential) else model.head
-    classifier = tv_model.get_submodule(FAMILIES[name].replaced_keys.rstrip("."))
+    classifier = tv_model.get_submodule(FAMILIES[name].classifier)
     head.load_state_dict(classifier.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), tv_model(x), rtol=1e-4, atol=1e-4)

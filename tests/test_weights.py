@@ -88,7 +88,7 @@ def test_vit_weights_for_another_image_size_are_resampled(make_cfg, tmp_path):
     state = dict(big.state_dict())
     cfg = make_cfg("backbone=vit_b_16")
     small = vit(32)
-    load_into(small, "vit_b_16", state, "test")
+    load_into(small, "heads.head", state, "test", "vit_b_16")
     assert small.encoder.pos_embedding.shape == (1, 5, 768)
     assert torch.equal(small.conv_proj.weight, big.conv_proj.weight)
     assert cfg.backbone.kwargs.image_size == 32
@@ -119,3 +119,55 @@ def test_source_pretraining_is_logged_cached_and_reused(make_cfg, mlflow_client,
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     run_trial(make_cfg(*tiny_source))
     torch.load(ckpt, weights_only=True)
+
+
+def _timm(make_cfg, *overrides: str):
+    return make_cfg("backbone=timm", "backbone.arch=resnet18", *overrides)
+
+
+def _hf_cache(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: offline
+    return tmp_path / "hf"
+
+
+def test_timm_weights_load_from_the_hugging_face_cache_without_the_network(make_cfg, tmp_path,
+                                                                           monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    cache = _hf_cache(monkeypatch, tmp_path)
+    reference = timm.create_model("resnet18")  # stands in for the published file
+    repo = cache / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(reference.state_dict(), repo / "snapshots" / ("0" * 40) / "model.safetensors")
+
+    cfg = _timm(make_cfg, "backbone.weights=DEFAULT")
+    state, origin = resolve_weights(cfg)
+    assert origin == "timm:timm/resnet18.a1_in1k"
+    _, network = build(cfg.backbone, 3, 2, state, origin)
+    for key, value in reference.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(network.state_dict()[key], value), key
+    # A tag names the same weights; a weights file goes through timm's loader too.
+    assert torch.equal(resolve_weights(_timm(make_cfg, "backbone.weights=a1_in1k"))[0]
+                       ["conv1.weight"], reference.conv1.weight)
+    path = repo / "snapshots" / ("0" * 40) / "model.safetensors"
+    state, origin = resolve_weights(_timm(make_cfg, f"backbone.weights={path}"))
+    assert origin == str(path) and torch.equal(state["conv1.weight"], reference.conv1.weight)
+
+
+def test_timm_weights_offline_name_the_file_and_where_to_put_it(make_cfg, tmp_path, monkeypatch):
+    cache = _hf_cache(monkeypatch, tmp_path)
+    with pytest.raises(UserError) as err:
+        resolve_weights(_timm(make_cfg, "backbone.weights=DEFAULT"))
+    message = str(err.value)
+    assert "timm/resnet18.a1_in1k (model.safetensors)" in message
+    assert str(cache) in message and "models--timm--resnet18.a1_in1k" in message
+    assert "backbone.weights=/path/to/model.safetensors" in message
+    with pytest.raises(UserError, match="Its tags: a1_in1k, a2_in1k"):
+        resolve_weights(_timm(make_cfg, "backbone.weights=imagenet9k"))

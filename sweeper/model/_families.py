@@ -1,4 +1,5 @@
-"""Backbone families cut into freeze units: the one place that decides what a "layer" is.
+"""The six hand-cut torchvision families: the one place that decides what a "layer" is for them
+(any other network is cut by a rule: :mod:`sweeper.model._torchvision`, ``_timm``, ``_custom``).
 
 Every family becomes an ordered list of backbone units whose composition is the torchvision
 model's own forward up to (and including) its pooled feature vector, followed by a new linear
@@ -30,6 +31,7 @@ The last backbone unit always ends in a flat feature vector, so the head is just
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,13 +43,14 @@ from torchvision.models import vision_transformer as tv_vit
 
 @dataclass(frozen=True)
 class Parts:
-    """A torchvision model cut into its freeze units, plus the width and dropout of the head
-    that replaces its classifier."""
+    """A network cut into its freeze units, plus the width and dropout of the head that
+    replaces its classifier, and where that classifier is (its module path)."""
 
     units: list[nn.Module]
     unit_names: list[str]
     feature_dim: int
     head_dropout: float
+    classifier: str = ""
 
 
 class _Pooled(nn.Sequential):
@@ -142,34 +145,21 @@ def _cut_vit(model: tv_vit.VisionTransformer) -> Parts:
 
 @dataclass(frozen=True)
 class Family:
-    builder: Callable[..., nn.Module]
     cut: Callable[[nn.Module], Parts]
-    weights_enum: type[torchvision.models.WeightsEnum]
-    # State-dict key prefix of the classifier layer that the new head replaces.
-    replaced_keys: str
+    classifier: str  # module path of the classifier layer that the new head replaces
 
 
 FAMILIES: dict[str, Family] = {
-    "resnet18": Family(torchvision.models.resnet18, _cut_resnet,
-                       torchvision.models.ResNet18_Weights, "fc."),
-    "resnet50": Family(torchvision.models.resnet50, _cut_resnet,
-                       torchvision.models.ResNet50_Weights, "fc."),
-    "mobilenet_v3_small": Family(torchvision.models.mobilenet_v3_small, _cut_mobilenet_v3,
-                                 torchvision.models.MobileNet_V3_Small_Weights, "classifier.3."),
-    "efficientnet_b0": Family(torchvision.models.efficientnet_b0, _cut_efficientnet,
-                              torchvision.models.EfficientNet_B0_Weights, "classifier.1."),
-    "convnext_tiny": Family(torchvision.models.convnext_tiny, _cut_convnext,
-                            torchvision.models.ConvNeXt_Tiny_Weights, "classifier.2."),
-    "vit_b_16": Family(torchvision.models.vit_b_16, _cut_vit,
-                       torchvision.models.ViT_B_16_Weights, "heads.head."),
+    "resnet18": Family(_cut_resnet, "fc"),
+    "resnet50": Family(_cut_resnet, "fc"),
+    "mobilenet_v3_small": Family(_cut_mobilenet_v3, "classifier.3"),
+    "efficientnet_b0": Family(_cut_efficientnet, "classifier.1"),
+    "convnext_tiny": Family(_cut_convnext, "classifier.2"),
+    "vit_b_16": Family(_cut_vit, "heads.head"),
 }
-
-
-def build_torchvision(name: str, **kwargs) -> nn.Module:
-    """The torchvision model ``name`` with random weights (weights are loaded separately)."""
-    return FAMILIES[name].builder(weights=None, **kwargs)
 
 
 def cut(name: str, model: nn.Module) -> Parts:
     """Cut a torchvision model of family ``name`` into its freeze units."""
-    return FAMILIES[name].cut(model)
+    family = FAMILIES[name]
+    return dataclasses.replace(family.cut(model), classifier=family.classifier)
