@@ -1,10 +1,16 @@
 """Datasets as whole uint8 tensors: decoded once, split per class with a fixed seed.
 
-Each dataset config names a source (``name``), an image size, its normalisation, the classes
-to keep and how many images per class go to train / val / test. Images are decoded and
-resized once, into ``uint8`` tensors of shape (N, C, S, S); conversion to float, grey to
-3 channels and normalisation happen batched on the training device (:class:`Normalize`), so
-the training loop does no per-sample Python or PIL work.
+Each dataset config has a ``kind`` (where its images come from: :data:`KINDS`), a ``name``
+(how studies, runs and MLflow params label it), an image size, its normalisation, the classes
+to keep and how many images per class go to train / val / test; any other key is an error
+that names it. Images are decoded and resized once, into ``uint8`` tensors of shape
+(N, C, S, S); conversion to float, grey to 3 channels and normalisation happen batched on the
+training device (:class:`Normalize`), so the training loop does no per-sample Python or PIL
+work.
+
+Image files (kinds ``image_folder``, ``split_folder``, ``csv``) that cannot be read are
+skipped and counted in the log (``dataset.on_bad_image=skip``, the default) or stop the run
+with the file's name (``fail``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +28,7 @@ import torch
 import torchvision
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -39,15 +46,62 @@ FASHION_MNIST_FILES = (
 
 @dataclass
 class Pool:
-    """Labelled images to draw a split from; ``load`` decodes the images at given indices."""
+    """Labelled images to draw a split from; ``load`` decodes the images at given indices and
+    says which it could read (None: all of them)."""
 
     labels: torch.Tensor  # int64 (N,)
-    load: Callable[[torch.Tensor], torch.Tensor]  # indices -> uint8 (n, C, H, W)
+    load: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+    skipped: list[str] = field(default_factory=list)  # unreadable files met so far (skip mode)
 
 
 def _tensor_pool(images: torch.Tensor, labels) -> Pool:
     images = images if images.ndim == 4 else images.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W)
-    return Pool(torch.as_tensor(labels, dtype=torch.int64), lambda idx: images[idx])
+    return Pool(torch.as_tensor(labels, dtype=torch.int64), lambda idx: (images[idx], None))
+
+
+@dataclass
+class Sources:
+    """Where a dataset's splits are drawn from: ``train`` alone (val, and test when ``test``
+    is None, drawn from it after train), or a pool per split (a folder already split)."""
+
+    train: Pool
+    test: Pool | None = None
+    val: Pool | None = None
+
+
+ON_BAD_IMAGE = ("skip", "fail")
+
+
+def _file_pool(paths: list[str], labels: list[int], cfg: DictConfig) -> Pool:
+    """Image files, decoded (RGB), resized and centre-cropped to ``image_size`` when drawn."""
+    on_bad = str(cfg.get("on_bad_image", "skip"))
+    if on_bad not in ON_BAD_IMAGE:
+        raise UserError(f"dataset.on_bad_image={on_bad}: use skip (unreadable images are skipped "
+                        "and counted in the log) or fail (the first one stops the run).")
+    size = int(cfg.image_size)
+    pool = Pool(torch.tensor(labels, dtype=torch.int64), lambda idx: (torch.empty(0), None))
+
+    def load(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, kept = [], []
+        for i in idx.tolist():
+            try:
+                with Image.open(paths[i]) as f:
+                    img = TF.pil_to_tensor(f.convert("RGB"))  # decoded once, here
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+                if on_bad == "fail":
+                    raise UserError(f"Cannot read image {paths[i]} ({type(e).__name__}: {e}). "
+                                    "Fix or remove it, or set dataset.on_bad_image=skip to "
+                                    "skip unreadable images.") from None
+                pool.skipped.append(f"{paths[i]} ({type(e).__name__}: {e})")
+                kept.append(False)
+                continue
+            out.append(TF.center_crop(TF.resize(img, size, antialias=True), [size, size]))
+            kept.append(True)
+        images = torch.stack(out) if out else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return images, torch.tensor(kept, dtype=torch.bool)
+
+    pool.load = load
+    return pool
 
 
 @dataclass
@@ -130,7 +184,7 @@ def augment(cfg: DictConfig | None) -> Augment | None:
 
 # --- sources -------------------------------------------------------------------------------
 
-def _fashion_mnist(cfg: DictConfig) -> tuple[Pool, Pool]:
+def _fashion_mnist(cfg: DictConfig) -> Sources:
     root = Path(cfg.root)
     raw = root / "FashionMNIST" / "raw"
     debian = Path(cfg.debian_dir)
@@ -158,11 +212,11 @@ def _fashion_mnist(cfg: DictConfig) -> tuple[Pool, Pool]:
             f"(it puts the IDX files in {debian}), or run once with internet access so that "
             f"torchvision downloads it to {raw}."
         ) from None
-    return _tensor_pool(train.data, train.targets), _tensor_pool(test.data, test.targets)
+    return Sources(_tensor_pool(train.data, train.targets), _tensor_pool(test.data, test.targets))
 
 
-def _cifar(cls) -> Callable[[DictConfig], tuple[Pool, Pool]]:
-    def load(cfg: DictConfig) -> tuple[Pool, Pool]:
+def _cifar(cls) -> Callable[[DictConfig], Sources]:
+    def load(cfg: DictConfig) -> Sources:
         try:
             train = cls(str(cfg.root), train=True, download=bool(cfg.download))
             test = cls(str(cfg.root), train=False, download=bool(cfg.download))
@@ -173,63 +227,174 @@ def _cifar(cls) -> Callable[[DictConfig], tuple[Pool, Pool]]:
                 f"({cls.filename}) in {cfg.root}."
             ) from None
         as_tensor = lambda d: torch.from_numpy(d).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-        return (_tensor_pool(as_tensor(train.data), train.targets),
-                _tensor_pool(as_tensor(test.data), test.targets))
+        return Sources(_tensor_pool(as_tensor(train.data), train.targets),
+                       _tensor_pool(as_tensor(test.data), test.targets))
     return load
 
 
-def _digits(cfg: DictConfig) -> tuple[Pool, None]:
+def _digits(cfg: DictConfig) -> Sources:
     from sklearn.datasets import load_digits
 
     digits = load_digits()  # bundled with scikit-learn: 1797 8x8 images, values 0..16
     images = torch.from_numpy(np.round(digits.images * (255 / 16)).astype(np.uint8))
-    return _tensor_pool(images, digits.target), None
+    return Sources(_tensor_pool(images, digits.target))
 
 
-def _image_folder(cfg: DictConfig) -> tuple[Pool, None]:
+def _folder_root(cfg: DictConfig, layout: str, example: str) -> Path:
     root = "???" if OmegaConf.is_missing(cfg, "root") else cfg.root
     if root == "???" or root is None or not Path(root).is_dir():
-        raise UserError(
-            f"dataset.root={root} is not a folder. Point it at a folder with one subfolder "
-            "of images per class:  dataset=image_folder dataset.root=/path/to/images"
-        )
+        raise UserError(f"dataset.root={root} is not a folder. Point it at {layout}:  {example}")
+    return Path(root)
+
+
+def _scan(folder: Path, class_names: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
+    """The class subfolders of ``folder`` (or the given ones, by name) and their image files."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    names = class_names if class_names is not None else find_classes(str(folder))[0]
+    present = {d.name for d in folder.iterdir() if d.is_dir()}
+    to_index = {c: k for k, c in enumerate(names) if c in present}
+    samples = make_dataset(str(folder), to_index, extensions=IMG_EXTENSIONS, allow_empty=True)
+    empty = sorted(set(to_index) - {names[y] for _, y in samples})
+    if empty and class_names is None:
+        raise UserError(f"Found no image files in class folders {', '.join(empty)} of {folder}. "
+                        "Every class subfolder needs at least one image (.jpg, .png, ...): remove "
+                        "the empty ones or add images.")
+    return names, [p for p, _ in samples], [y for _, y in samples]
+
+
+def _image_folder(cfg: DictConfig) -> Sources:
+    root = _folder_root(cfg, "a folder with one subfolder of images per class",
+                        "dataset=image_folder dataset.root=/path/to/images")
+    _, paths, labels = _scan(root)
+    return Sources(_file_pool(paths, labels, cfg))
+
+
+def _split_folder(cfg: DictConfig) -> Sources:
+    root = _folder_root(cfg, "a folder already split into train/, val/ (and test/), each with one "
+                        "subfolder of images per class",
+                        "dataset=split_folder dataset.root=/path/to/images")
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise UserError(f"dataset.root={root} needs train/ and val/ subfolders (test/ is "
+                        "optional), each with one subfolder of images per class.")
+    names, paths, labels = _scan(root / "train")
+    pools = {"train": _file_pool(paths, labels, cfg)}
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            extra = sorted(d.name for d in (root / split).iterdir() if d.is_dir()
+                           and d.name not in names)
+            if extra:
+                raise UserError(f"{root / split} has class folders that train/ does not: "
+                                f"{', '.join(extra)}. The classes are train/'s subfolders.")
+            _, paths, labels = _scan(root / split, names)
+            pools[split] = _file_pool(paths, labels, cfg)
+    if "test" not in pools:
+        log.info("%s: no test/ folder, so the test split is val/ again (test_acc = accuracy on "
+                 "val/).", root)
+        pools["test"] = pools["val"]
+    return Sources(pools["train"], pools["test"], pools["val"])
+
+
+def _csv(cfg: DictConfig) -> Sources:
+    import pandas as pd
+
+    file = "???" if OmegaConf.is_missing(cfg, "file") else cfg.file
+    if file == "???" or file is None or not Path(file).is_file():
+        raise UserError(f"dataset.file={file} is not a file. Point it at a CSV file with a column "
+                        f"of image paths ({cfg.path_column}) and one of labels ({cfg.label_column}):"
+                        "  dataset=csv dataset.file=/path/to/labels.csv")
+    root = Path(cfg.root) if cfg.get("root") is not None else Path(file).parent
     try:
-        folder = torchvision.datasets.ImageFolder(str(cfg.root))
-    except FileNotFoundError as e:
-        raise UserError(
-            f"{e}.\nEvery class subfolder of {cfg.root} needs at least one image "
-            "(.jpg, .png, ...): remove the empty ones or add images."
-        ) from None
-    size = int(cfg.image_size)
+        table = pd.read_csv(file, dtype=str, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable CSV is the same user error
+        raise UserError(f"dataset.file={file} is not a readable CSV file ({e}).") from None
+    columns = [cfg.path_column, cfg.label_column] + ([cfg.split_column] if cfg.split_column else [])
+    absent = [c for c in columns if c not in table.columns]
+    if absent:
+        raise UserError(f"dataset.file={file} has no column {absent[0]} (its columns: "
+                        f"{', '.join(table.columns)}); set dataset.path_column, "
+                        "dataset.label_column or dataset.split_column.")
+    labels = table[cfg.label_column].str.strip()
+    names = sorted(set(labels), key=lambda c: (not c.lstrip("-").isdigit(),
+                                               int(c) if c.lstrip("-").isdigit() else 0, c))
+    index = {c: k for k, c in enumerate(names)}
+    paths = [str(root / p.strip()) for p in table[cfg.path_column]]
+    ys = [index[c] for c in labels]
+    if not cfg.split_column:
+        return Sources(_file_pool(paths, ys, cfg))
+    splits = table[cfg.split_column].str.strip().str.lower()
+    unknown = sorted(set(splits) - {"train", "val", "test"})
+    if unknown or "train" not in set(splits) or "val" not in set(splits):
+        raise UserError(f"Column {cfg.split_column} of {file} must say train, val or test for each "
+                        f"image, with some train and val images (found: {', '.join(sorted(set(splits)))}).")
+    pools = {s: _file_pool([p for p, t in zip(paths, splits, strict=True) if t == s],
+                           [y for y, t in zip(ys, splits, strict=True) if t == s], cfg)
+             for s in ("train", "val", "test") if s in set(splits)}
+    if "test" not in pools:
+        log.info("%s: no test rows, so the test split is val again.", file)
+        pools["test"] = pools["val"]
+    return Sources(pools["train"], pools["test"], pools["val"])
 
-    def load(idx: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in idx.tolist():
-            img = TF.pil_to_tensor(folder.loader(folder.samples[i][0]))  # RGB, decoded once
-            out.append(TF.center_crop(TF.resize(img, size, antialias=True), [size, size]))
-        return torch.stack(out)
 
-    return Pool(torch.tensor(folder.targets), load), None
-
-
-def _fake(cfg: DictConfig) -> tuple[Pool, None]:
+def _fake(cfg: DictConfig) -> Sources:
     size = int(cfg.image_size)
     fake = torchvision.datasets.FakeData(
         size=int(cfg.size), image_size=(3, size, size), num_classes=int(cfg.num_classes),
         random_offset=int(cfg.split_seed),
     )
     images, labels = zip(*((TF.pil_to_tensor(img), int(y)) for img, y in fake), strict=True)
-    return _tensor_pool(torch.stack(images), labels), None
+    return Sources(_tensor_pool(torch.stack(images), labels))
 
 
-SOURCES: dict[str, Callable[[DictConfig], tuple[Pool, Pool | None]]] = {
-    "fashion_mnist": _fashion_mnist,
-    "cifar10": _cifar(torchvision.datasets.CIFAR10),
-    "cifar100": _cifar(torchvision.datasets.CIFAR100),
-    "digits": _digits,
-    "image_folder": _image_folder,
-    "fake": _fake,
+_COMMON = ("name", "kind", "image_size", "mean", "std", "classes", "train_per_class",
+           "val_per_class", "test_per_class", "split_seed")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Where a kind of dataset gets its images, and the settings it reads besides the common
+    ones (``name``, ``kind``, ``image_size``, ``mean``, ``std``, ``classes``, ``*_per_class``,
+    ``split_seed``)."""
+
+    sources: Callable[[DictConfig], Sources]
+    settings: tuple[str, ...] = ()
+    # Settings that say where a copy of the data is kept, not which data it is (left out of
+    # what keys a checkpoint pretrained on it).
+    location: tuple[str, ...] = ()
+
+
+KINDS: dict[str, Kind] = {
+    "fashion_mnist": Kind(_fashion_mnist, ("root", "debian_dir", "download"),
+                          ("root", "debian_dir", "download")),
+    "cifar10": Kind(_cifar(torchvision.datasets.CIFAR10), ("root", "download"), ("root", "download")),
+    "cifar100": Kind(_cifar(torchvision.datasets.CIFAR100), ("root", "download"),
+                     ("root", "download")),
+    "digits": Kind(_digits),
+    "image_folder": Kind(_image_folder, ("root", "on_bad_image")),
+    "split_folder": Kind(_split_folder, ("root", "on_bad_image")),
+    "csv": Kind(_csv, ("file", "root", "path_column", "label_column", "split_column",
+                       "on_bad_image")),
+    "fake": Kind(_fake, ("size", "num_classes")),
 }
+
+
+def kind_of(cfg: DictConfig) -> str:
+    """The dataset's kind (configs logged before kinds existed named it in ``name``)."""
+    return str(cfg.get("kind") or cfg.name)
+
+
+def check(cfg: DictConfig) -> Kind:
+    """The dataset config's kind, its keys checked: an unknown key is named, never ignored."""
+    kind = kind_of(cfg)
+    if kind not in KINDS:
+        raise UserError(f"dataset.kind={kind} is not a kind of dataset; known: "
+                        f"{', '.join(KINDS)}.")
+    settings = (*_COMMON, *KINDS[kind].settings)
+    unknown = [k for k in cfg if k not in settings]
+    if unknown:
+        raise UserError(f"dataset.{unknown[0]} is not a setting of a {kind} dataset (its "
+                        f"settings: {', '.join(settings)}); nothing would read it.")
+    return KINDS[kind]
 
 
 # --- splits --------------------------------------------------------------------------------
@@ -242,10 +407,16 @@ def _per_class(labels: torch.Tensor, classes: list[int], gen: torch.Generator) -
 def _take(pool: Pool, picks: list[torch.Tensor], size: int) -> Split:
     idx = torch.cat(picks)
     labels = torch.cat([torch.full((len(p),), k, dtype=torch.int64) for k, p in enumerate(picks)])
-    images = pool.load(idx)
+    images, kept = pool.load(idx)
+    if kept is not None:  # unreadable files skipped
+        labels = labels[kept]
     if images.shape[-2:] != (size, size):
         images = TF.resize(images, [size, size], antialias=True)
     return Split(images.contiguous(), labels)
+
+
+def _at_most(picks: list[torch.Tensor], count) -> list[torch.Tensor]:
+    return picks if count is None else [p[: int(count)] for p in picks]
 
 
 def load(cfg: DictConfig) -> Data:
@@ -253,44 +424,52 @@ def load(cfg: DictConfig) -> Data:
 
     Train and val are drawn per class from the source's training set with ``split_seed``;
     test is the source's own test set (or, for sources without one, drawn after them).
-    ``*_per_class: null`` means all remaining images of that class.
+    ``*_per_class: null`` means all remaining images of that class. A folder already split
+    (``split_folder``, a CSV with a split column) keeps its splits: ``*_per_class`` then takes
+    at most that many images per class from each.
     """
-    if cfg.name not in SOURCES:
-        raise UserError(f"Unknown dataset source {cfg.name!r}; known: {', '.join(SOURCES)}")
-    pool, test_pool = SOURCES[cfg.name](cfg)
-    present = sorted(set(pool.labels.tolist()))
+    kind = check(cfg)
+    src = kind.sources(cfg)
+    present = sorted(set(src.train.labels.tolist()))
     classes = list(cfg.classes) if cfg.classes is not None else present
     missing = [c for c in classes if c not in present]
     if missing:
         raise UserError(f"dataset.classes names classes {missing} that {cfg.name} does not have "
                         f"(it has {present[0]}..{present[-1]}).")
     gen = torch.Generator().manual_seed(int(cfg.split_seed))
-    picks = _per_class(pool.labels, classes, gen)
-    counts = [cfg.train_per_class, cfg.val_per_class]
-    if test_pool is None:
-        counts.append(cfg.test_per_class)
-    need = sum(int(c) for c in counts if c is not None)
-    short = {c: len(p) for c, p in zip(classes, picks, strict=True) if len(p) < need}
-    if short:
-        raise UserError(
-            f"{cfg.name}: classes {short} have fewer images than the {need} per class that "
-            "train_per_class + val_per_class (+ test_per_class) ask for. Lower those counts."
-        )
-    splits = []
-    start = [0] * len(picks)
-    for count in counts:
-        chunk = []
-        for k, p in enumerate(picks):
-            end = len(p) if count is None else start[k] + int(count)
-            chunk.append(p[start[k]:end])
-            start[k] = end
-        splits.append(_take(pool, chunk, int(cfg.image_size)))
-    if test_pool is not None:
-        test_picks = _per_class(test_pool.labels, classes, gen)
-        if cfg.test_per_class is not None:
-            test_picks = [p[: int(cfg.test_per_class)] for p in test_picks]
-        splits.append(_take(test_pool, test_picks, int(cfg.image_size)))
-    train, val, test = splits
+    picks = _per_class(src.train.labels, classes, gen)
+    chunks: list[tuple[Pool, list[torch.Tensor]]] = []
+    if src.val is None:
+        counts = [cfg.train_per_class, cfg.val_per_class]
+        if src.test is None:
+            counts.append(cfg.test_per_class)
+        need = sum(int(c) for c in counts if c is not None)
+        short = {c: len(p) for c, p in zip(classes, picks, strict=True) if len(p) < need}
+        if short:
+            raise UserError(
+                f"{cfg.name}: classes {short} have fewer images than the {need} per class that "
+                "train_per_class + val_per_class (+ test_per_class) ask for. Lower those counts."
+            )
+        start = [0] * len(picks)
+        for count in counts:
+            chunk = []
+            for k, p in enumerate(picks):
+                end = len(p) if count is None else start[k] + int(count)
+                chunk.append(p[start[k]:end])
+                start[k] = end
+            chunks.append((src.train, chunk))
+    else:
+        chunks.append((src.train, _at_most(picks, cfg.train_per_class)))
+        chunks.append((src.val, _at_most(_per_class(src.val.labels, classes, gen),
+                                         cfg.val_per_class)))
+    if src.test is not None:
+        chunks.append((src.test, _at_most(_per_class(src.test.labels, classes, gen),
+                                          cfg.test_per_class)))
+    train, val, test = (_take(pool, chunk, int(cfg.image_size)) for pool, chunk in chunks)
+    skipped = sorted({f for pool in (src.train, src.val, src.test) if pool for f in pool.skipped})
+    if skipped:
+        log.warning("%s: skipped %d unreadable images (dataset.on_bad_image=skip): %s%s", cfg.name,
+                    len(skipped), "; ".join(skipped[:3]), " ..." if len(skipped) > 3 else "")
     if min(len(train), len(val), len(test)) == 0:
         raise UserError(f"{cfg.name}: a split is empty (train {len(train)}, val {len(val)}, "
                         f"test {len(test)}); raise the *_per_class counts.")

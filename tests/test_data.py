@@ -94,3 +94,89 @@ def test_fashion_mnist_missing_everywhere_names_both_ways(make_cfg, tmp_path, mo
         data.load(cfg.dataset)
     assert "apt-get install dataset-fashion-mnist" in str(err.value)
     assert "internet" in str(err.value)
+
+
+def _split_folder(root, train: dict[str, int], val: dict[str, int], test: dict[str, int] | None):
+    for split, counts in (("train", train), ("val", val), ("test", test)):
+        if counts is not None:
+            _folder(root / split, counts)
+    return root
+
+
+def test_a_folder_already_split_keeps_its_splits(make_cfg, tmp_path):
+    root = _split_folder(tmp_path / "imgs", {"cat": 5, "dog": 4}, {"cat": 2, "dog": 2},
+                         {"cat": 3, "dog": 1})
+    base = ["dataset=split_folder", f"dataset.root={root}", "dataset.image_size=16"]
+    d = data.load(make_cfg(*base).dataset)
+    assert (len(d.train), len(d.val), len(d.test)) == (9, 4, 4)
+    assert d.classes == [0, 1] and torch.equal(torch.bincount(d.test.labels), torch.tensor([3, 1]))
+    capped = data.load(make_cfg(*base, "dataset.train_per_class=2").dataset)
+    assert len(capped.train) == 4  # at most 2 per class from train/
+    # Without test/, the test split is val/ again.
+    root = _split_folder(tmp_path / "nosplit", {"a": 3, "b": 3}, {"a": 1, "b": 2}, None)
+    d = data.load(make_cfg("dataset=split_folder", f"dataset.root={root}").dataset)
+    assert torch.equal(d.test.images, d.val.images)
+    # A class that train/ does not have.
+    root = _split_folder(tmp_path / "extra", {"a": 2}, {"a": 1, "b": 1}, None)
+    with pytest.raises(UserError, match="class folders that train/ does not: b"):
+        data.load(make_cfg("dataset=split_folder", f"dataset.root={root}").dataset)
+    with pytest.raises(UserError, match="needs train/ and val/"):
+        data.load(make_cfg("dataset=split_folder", f"dataset.root={tmp_path}/extra/val").dataset)
+
+
+def _csv(tmp_path, rows: list[str], header: str = "path,label") -> str:
+    images = _folder(tmp_path / "files", {"x": 6, "y": 6})
+    (tmp_path / "labels.csv").write_text("\n".join([header, *rows]) + "\n")
+    return str(images)
+
+
+def test_a_csv_file_of_paths_and_labels(make_cfg, tmp_path):
+    rows = [f"x/{i}.png,cat" for i in range(6)] + [f"y/{i}.png,dog" for i in range(6)]
+    root = _csv(tmp_path, rows)
+    base = ["dataset=csv", f"dataset.file={tmp_path}/labels.csv", f"dataset.root={root}",
+            "dataset.train_per_class=3", "dataset.val_per_class=2", "dataset.image_size=16"]
+    d = data.load(make_cfg(*base).dataset)
+    assert (len(d.train), len(d.val), len(d.test)) == (6, 4, 2)
+    assert d.train.images.shape[1:] == (3, 16, 16)
+    # Paths relative to the CSV file's folder when root is null.
+    (tmp_path / "rel.csv").write_text("file,y,part\n" + "\n".join(
+        f"files/{c}/{i}.png,{k},{'train' if i < 4 else 'val' if i < 5 else 'test'}"
+        for k, c in enumerate("xy") for i in range(6)) + "\n")
+    d = data.load(make_cfg("dataset=csv", f"dataset.file={tmp_path}/rel.csv",
+                           "dataset.path_column=file", "dataset.label_column=y",
+                           "dataset.split_column=part", "dataset.train_per_class=null").dataset)
+    assert (len(d.train), len(d.val), len(d.test)) == (8, 2, 2)
+    with pytest.raises(UserError, match="has no column path .its columns: file, y, part"):
+        data.load(make_cfg("dataset=csv", f"dataset.file={tmp_path}/rel.csv").dataset)
+
+
+def test_unreadable_images_are_skipped_and_counted_or_fail_with_the_name(make_cfg, tmp_path,
+                                                                         caplog):
+    rows = [f"x/{i}.png,cat" for i in range(6)] + [f"y/{i}.png,dog" for i in range(6)]
+    root = _csv(tmp_path, [*rows, "x/missing.png,cat"])
+    (tmp_path / "files" / "x" / "0.png").write_bytes(b"not an image")
+    base = ["dataset=csv", f"dataset.file={tmp_path}/labels.csv", f"dataset.root={root}",
+            "dataset.train_per_class=3", "dataset.val_per_class=2", "dataset.test_per_class=null"]
+    d = data.load(make_cfg(*base).dataset)  # on_bad_image=skip by default
+    assert len(d.train) + len(d.val) + len(d.test) == 13 - 2
+    assert "skipped 2 unreadable images" in caplog.text
+    assert "0.png" in caplog.text and "missing.png" in caplog.text
+    with pytest.raises(UserError, match=r"Cannot read image .*(0|missing)\.png"):
+        data.load(make_cfg(*base, "dataset.on_bad_image=fail").dataset)
+    with pytest.raises(UserError, match="dataset.on_bad_image=ignore: use skip"):
+        data.load(make_cfg(*base, "dataset.on_bad_image=ignore").dataset)
+    # The same in an image folder.
+    with pytest.raises(UserError, match=r"Cannot read image .*0\.png"):
+        data.load(make_cfg("dataset=image_folder", f"dataset.root={root}",
+                           "dataset.on_bad_image=fail", "dataset.train_per_class=4",
+                           "dataset.val_per_class=1").dataset)
+
+
+def test_a_dataset_key_nothing_reads_is_an_error_naming_it(make_cfg):
+    with pytest.raises(UserError, match="dataset.train_per_clas is not a setting of a digits"):
+        data.load(make_cfg("dataset=digits", "+dataset.train_per_clas=5").dataset)
+    with pytest.raises(UserError, match="dataset.kind=mnist is not a kind of dataset"):
+        data.load(make_cfg("dataset=digits", "dataset.kind=mnist").dataset)
+    # Its own name labels it; the kind says where the images come from.
+    d = data.load(make_cfg("dataset=digits", "dataset.name=mine").dataset)
+    assert len(d.classes) == 10
