@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
+import re
 import shlex
 import subprocess
 import sys
@@ -113,8 +115,17 @@ def command_line() -> str:
 
 
 def train_command(overrides: Sequence[str]) -> str:
-    """The command that trains a trial with these Hydra overrides (tag ``rerun_command``)."""
-    return shlex.join([*_RUN, *overrides])
+    """The command that trains a trial with these Hydra overrides (tag ``rerun_command``).
+
+    A named search (``hparams_search=NAME``) makes a sweep of any command it is in
+    (``hydra.mode: MULTIRUN``, as in lightning-hydra-template); ``hydra.mode=RUN`` keeps the
+    file's other settings and trains the one trial.
+    """
+    words = [*_RUN, *overrides]
+    if any(o.split("=", 1)[0].lstrip("+") == "hparams_search" for o in overrides) and \
+            not any(o.startswith("hydra.mode=") for o in overrides):
+        words.append("hydra.mode=RUN")
+    return shlex.join(words)
 
 
 def command_overrides(command: str) -> list[str]:
@@ -144,6 +155,23 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+_NOT_IN_A_NAME = re.compile(r"[^/\w.\- ]")  # what MLflow refuses in a param name (":" too on Windows)
+
+
+def param_name(key: str) -> str:
+    """``key`` as an MLflow param name, the one place that makes one.
+
+    Hydra override keys carry ``+``/``++`` (add) and ``~`` (delete), which MLflow refuses;
+    they are dropped (``search.+trainer.note`` becomes ``search.trainer.note``), any other
+    character MLflow refuses becomes ``_``, and the name is made a plain relative path
+    (MLflow treats names as paths: no ``//``, ``..`` or leading ``/``).
+    """
+    name = _NOT_IN_A_NAME.sub("_", re.sub(r"(^|\.)[+~]+", r"\1", str(key)))
+    parts = [p for p in name.split("/") if p not in ("", ".", "..")]
+    name = posixpath.normpath("/".join(parts)) if parts else "_"
+    return name
 
 
 def config_params(cfg: DictConfig, only: tuple[str, ...] | None = None) -> dict[str, str]:
@@ -239,7 +267,8 @@ class Run:
         self.run_id = run_id
 
     def params(self, params: Mapping[str, Any]) -> None:
-        items = [MlflowParam(k, str(v)[:6000]) for k, v in params.items()]
+        named = {param_name(k): str(v)[:6000] for k, v in params.items()}
+        items = [MlflowParam(k, v) for k, v in named.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit for params
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 

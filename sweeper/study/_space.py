@@ -57,14 +57,15 @@ class Space:
     """Sampled parameters (in sampling order), fixed ones, and conditions on sampled ones."""
 
     sampled: dict[str, BaseDistribution] = field(default_factory=dict)
-    fixed: dict[str, str] = field(default_factory=dict)
+    # Override text by key; None for a ``~key`` deletion given without a value.
+    fixed: dict[str, str | None] = field(default_factory=dict)
     conditions: dict[str, Condition] = field(default_factory=dict)
 
     def describe(self) -> dict[str, str]:
         """One human-readable line per parameter (MLflow params of the study run)."""
         out = {k: _describe(d) + (f" if {self.conditions[k]}" if k in self.conditions else "")
                for k, d in self.sampled.items()}
-        out.update({k: f"fixed {v}" for k, v in self.fixed.items()})
+        out.update({k: "deleted" if v is None else f"fixed {v}" for k, v in self.fixed.items()})
         return out
 
     def grid(self) -> tuple[dict[str, list[Any]], list[str]]:
@@ -85,10 +86,13 @@ class Space:
         return Space({k: d for k, d in self.sampled.items() if k in names}, dict(self.fixed),
                      {k: c for k, c in self.conditions.items() if k in names})
 
-    def suggest(self, trial: optuna.Trial, base: Callable[[str], Any]) -> list[str]:
+    def suggest(self, trial: optuna.Trial, base: Callable[[str], Any],
+                extend: Callable[[optuna.Trial], None] | None = None) -> list[str]:
         """Sample ``trial``'s parameters; return them, and the fixed ones, as Hydra overrides.
 
-        ``base(key)`` gives a key's value in the config, for conditions on unsampled keys.
+        ``base(key)`` gives a key's value in the config, for conditions on unsampled keys;
+        ``extend(trial)`` (``custom_search_space``) may suggest more parameters once these are
+        sampled, and every one it suggests becomes an override too.
         """
         values: dict[str, Any] = {}
         for name, dist in self.sampled.items():
@@ -100,8 +104,12 @@ class Space:
                 if ref is None or not cond.holds(ref):
                     continue
             values[name] = _suggest(trial, name, dist)
+        if extend is not None:
+            extend(trial)
+            values.update({k: v for k, v in trial.params.items()
+                           if k not in values and k not in self.fixed})
         return [*(f"{k}={_format(v)}" for k, v in values.items()),
-                *(f"{k}={v}" for k, v in self.fixed.items())]
+                *(k if v is None else f"{k}={v}" for k, v in self.fixed.items())]
 
 
 def parse_space(params: Mapping[str, Any], conditions: Mapping[str, str] | None = None,
@@ -127,6 +135,8 @@ def parse_space(params: Mapping[str, Any], conditions: Mapping[str, str] | None 
     for key, o in by_key.items():
         if o.is_sweep_override():
             space.sampled[key] = _distribution(key, o)
+        elif o.is_delete() and o.value_type is None:
+            space.fixed[key] = None  # ``~key``: deleted whatever its value
         else:
             space.fixed[key] = o.get_value_element_as_str()
     for key, text in (conditions or {}).items():
