@@ -361,15 +361,24 @@ class Kind:
     # Settings that say where a copy of the data is kept, not which data it is (left out of
     # what keys a checkpoint pretrained on it).
     location: tuple[str, ...] = ()
+    # What a packaged dataset holds, known without reading it (split sizes are checked
+    # against it before any work, by sweeper.validate); None for the user's own images.
+    classes: int | None = None
+    per_class: int | None = None  # training images of its smallest class
+    test_per_class: int | None = None  # its own test set's images per class; None: drawn
+
+
+_FASHION_MNIST = dict(classes=10, per_class=6000, test_per_class=1000)
 
 
 KINDS: dict[str, Kind] = {
     "fashion_mnist": Kind(_fashion_mnist, ("root", "debian_dir", "download"),
-                          ("root", "debian_dir", "download")),
-    "cifar10": Kind(_cifar(torchvision.datasets.CIFAR10), ("root", "download"), ("root", "download")),
+                          ("root", "debian_dir", "download"), **_FASHION_MNIST),
+    "cifar10": Kind(_cifar(torchvision.datasets.CIFAR10), ("root", "download"), ("root", "download"),
+                    classes=10, per_class=5000, test_per_class=1000),
     "cifar100": Kind(_cifar(torchvision.datasets.CIFAR100), ("root", "download"),
-                     ("root", "download")),
-    "digits": Kind(_digits),
+                     ("root", "download"), classes=100, per_class=500, test_per_class=100),
+    "digits": Kind(_digits, classes=10, per_class=174),  # scikit-learn's: 174..183 per class
     "image_folder": Kind(_image_folder, ("root", "on_bad_image")),
     "split_folder": Kind(_split_folder, ("root", "on_bad_image")),
     "csv": Kind(_csv, ("file", "root", "path_column", "label_column", "split_column",

@@ -18,7 +18,7 @@ from pathlib import Path
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-from sweeper.errors import UserError
+from sweeper.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,24 @@ def open_storage(storage: str) -> BaseStorage:
         try:
             return RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})
         except Exception as e:  # noqa: BLE001 - driver or connection errors, told plainly
-            raise UserError(f"Cannot open Optuna storage {storage_label(storage)}: {e}") from None
+            raise UserError(unreachable(storage, e)) from None
     path = journal_path(storage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as e:
+        raise UserError(f"hydra.sweeper.storage={path}: the Optuna journal cannot be written "
+                        f"there ({first_line(e)}); point it (or paths.outputs) at a folder you "
+                        "can write.") from None
+
+
+def unreachable(storage: str, error: BaseException) -> str:
+    """The message for an RDB storage that cannot be opened (no server there, a wrong
+    password, a missing database or driver), without the driver's trace."""
+    return (f"hydra.sweeper.storage={storage_label(storage)}: cannot open the Optuna storage "
+            f"({first_line(error)}). Check the server's address and that it runs, the user "
+            "and password, and that the database exists (createdb); or leave the default, a "
+            "journal file, for sweeps on one machine.")
 
 
 class StudyLock:
@@ -95,8 +109,12 @@ class StudyLock:
         elif storage.startswith("postgresql"):
             import sqlalchemy
 
-            self._engine = sqlalchemy.create_engine(rdb_url(storage),
-                                                    poolclass=sqlalchemy.pool.NullPool)
+            self._url = storage
+            try:
+                self._engine = sqlalchemy.create_engine(rdb_url(storage),
+                                                        poolclass=sqlalchemy.pool.NullPool)
+            except Exception as e:  # noqa: BLE001 - a malformed URL or a missing driver
+                raise UserError(unreachable(storage, e)) from None
         else:
             log.warning("No cross-process lock for %s: several sweeps on this study may run a "
                         "few trials past n_trials.", storage_label(storage))
@@ -110,7 +128,11 @@ class StudyLock:
             elif self._engine is not None:
                 import sqlalchemy
 
-                with self._engine.connect() as conn:
+                try:
+                    conn = self._engine.connect()
+                except sqlalchemy.exc.SQLAlchemyError as e:
+                    raise UserError(unreachable(self._url, e)) from None
+                with conn:
                     conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
                     try:
                         yield

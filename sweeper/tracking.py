@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper.config import task_config
+from sweeper.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 for _noisy in ("alembic", "mlflow.store.db.utils"):  # schema set-up chatter on a new store
@@ -146,6 +147,74 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+_opened: set[str] = set()  # stores this process has opened (and created, when new)
+
+
+def open_store(uri: str, key: str = "tracking.uri") -> MlflowClient:
+    """A client of the MLflow tracking store at ``uri`` (made absolute), checked once per
+    process: a new SQLite store is created under a file lock beside it, so that sweeps started
+    at the same moment on a new folder do not both create its tables (MLflow's migrations are
+    not safe to run twice at once); a store that cannot be opened is a :class:`UserError`
+    naming ``key``."""
+    uri = absolute_uri(uri)
+    if uri in _opened:
+        return MlflowClient(tracking_uri=uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if uri.startswith(("http://", "https://")):
+            import requests
+
+            requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        if uri.startswith("sqlite:///"):
+            from filelock import FileLock
+
+            with FileLock(uri[len("sqlite:///"):] + ".lock"):
+                client.search_experiments(max_results=1)
+        else:
+            client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - every way a store fails is the user's to fix
+        raise UserError(_store_problem(uri, key, e)) from None
+    _opened.add(uri)
+    return client
+
+
+def _store_problem(uri: str, key: str, error: Exception) -> str:
+    """What to tell the user when the store at ``uri`` cannot be opened."""
+    label = _hide_password(uri)
+    said = first_line(error)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if "not a database" in said or "malformed" in said:
+            return (f"{key}={label}: {path} is not a readable MLflow store ({said}). Nothing was "
+                    f"changed: move it aside (mv {path} {path}.bad) to start a new store there, "
+                    "or point tracking.uri (or paths.outputs) elsewhere.")
+        return (f"{key}={label}: the MLflow store {path} cannot be opened ({said}); check that "
+                "its folder is writable, or point tracking.uri (or paths.outputs) elsewhere.")
+    if uri.startswith(("http://", "https://")):
+        return (f"{key}={label}: no MLflow tracking server answers there ({said}). Start one "
+                "(mlflow server --host 0.0.0.0 --port 5000 ...) or fix the address.")
+    return (f"{key}={label}: cannot open the MLflow tracking store ({said}). Use a SQLite file "
+            "(sqlite:////abs/path/mlflow.db), a database URL (postgresql://user:password@host/db) "
+            "or a tracking server (http://host:5000), and check that it is reachable.")
+
+
+def _hide_password(uri: str) -> str:
+    if "://" not in uri or "@" not in uri:
+        return uri
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: show the scheme only
+        return uri.split("://", 1)[0] + "://..."
+
+
+def check_store(uri: str) -> None:
+    """Fail with what to do unless the tracking store at ``uri`` can be opened (a new SQLite
+    store is created, as the first run would)."""
+    open_store(uri)
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts as ``{"a.b.c": value}``; lists stay values."""
     out: dict[str, Any] = {}
@@ -237,7 +306,7 @@ class Tracker:
 
     def __init__(self, tracking: DictConfig) -> None:
         self.uri = absolute_uri(str(tracking.uri))
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = open_store(self.uri)
         self.experiment_id = self._experiment(str(tracking.experiment), tracking.artifact_location)
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:

@@ -86,6 +86,9 @@ def evaluate(model: FreezeNet, split: Split | Feed, normalize: Normalize, device
     return correct.item() / len(feed)
 
 
+SCHEDULES = ("cosine", "constant")  # optim.schedule
+
+
 def make_optimizer(model: FreezeNet, optim: DictConfig, steps: int):
     """The configured torch optimizer over trainable parameters only, and its LR schedule."""
     groups = model.param_groups(float(optim.lr_head), float(optim.lr_backbone))
@@ -96,7 +99,7 @@ def make_optimizer(model: FreezeNet, optim: DictConfig, steps: int):
     elif optim.schedule == "constant":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     else:
-        raise UserError(f"optim.schedule={optim.schedule!r}: use cosine or constant.")
+        raise UserError(f"optim.schedule={optim.schedule!r}: use one of {', '.join(SCHEDULES)}.")
     return opt, sched
 
 

@@ -15,8 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweeper import data as data_mod
 from sweeper import feeds, timing
 from sweeper.device import as_input, configure, gather, place_model, resolve_device
-from sweeper.errors import UserError
-from sweeper.model import FreezeNet, build, check_backbone
+from sweeper.model import FreezeNet, build
 from sweeper.pretrain import pretrain_run_id, resolve_weights
 from sweeper.tracking import (
     Kind,
@@ -30,6 +29,7 @@ from sweeper.tracking import (
     train_command,
 )
 from sweeper.train import EpochStats, evaluate, fit, peak_memory_mb, reset_peak_memory
+from sweeper.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     stop the trial, which ends the run KILLED and tagged ``state=pruned``; any other exception
     ends it FAILED with the reason in tag ``error``.
     """
-    check_backbone(cfg.backbone, cfg.freeze.unfrozen, cfg.freeze.get("transferred"))
-    data_mod.check(cfg.dataset)
-    _bn_stats(cfg)
+    check_config(cfg)  # again: a config composed in code did not pass Hydra's callback
     device = resolve_device(str(cfg.trainer.device))
     overrides, flags, hydra_dir = _hydra_context()
     run = Tracker(cfg.tracking).start(
@@ -160,16 +158,10 @@ def _ended_by(error: BaseException) -> State:
     return State.KILLED if isinstance(error, KeyboardInterrupt) else State.FAILED
 
 
-BN_STATS = ("source", "target")
-
-
 def _bn_stats(cfg: DictConfig) -> str:
-    """``freeze.bn_stats``, checked (configs from before it keep the pretrained statistics)."""
-    bn_stats = str(cfg.freeze.get("bn_stats", "source"))
-    if bn_stats not in BN_STATS:
-        raise UserError(f"freeze.bn_stats={bn_stats}: use source (the pretrained statistics) or "
-                        "target (re-estimated on this dataset's training images).")
-    return bn_stats
+    """``freeze.bn_stats`` (checked by :mod:`sweeper.validate`; configs from before it keep the
+    pretrained statistics)."""
+    return str(cfg.freeze.get("bn_stats", "source"))
 
 
 def adapt_batchnorm(model: FreezeNet, data: data_mod.Data, bn_stats: str, device: torch.device,

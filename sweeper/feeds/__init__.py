@@ -9,7 +9,8 @@ holds the uint8 images and runs them through normalisation, augmentation and the
 each step. Caching never changes what is learnt: frozen BatchNorm layers use their running
 statistics either way.
 
-- :func:`for_trial`: a trial's train, val and test feeds, by ``cache.mode`` (``_policy``);
+- :func:`for_trial`: a trial's train, val and test feeds, by ``cache.mode`` (``_policy``;
+  ``CACHE_MODES`` and ``CACHE_DTYPES`` are the values ``cache.mode`` and ``cache.dtype`` take);
 - :func:`prefix_outputs`: one split's outputs at a cut, found or filled (``_fill``: derived
   from the deepest shallower entry where there is one);
 - :class:`Prefix`, :func:`unit_digest`, :func:`split_digest`: what keys an entry (``_keys``);
@@ -22,11 +23,13 @@ the entries it uses, found or filled (:mod:`sweeper.timing`), so ``train_time_s`
 depend on which trials ran before.
 """
 
+from sweeper.feeds._entries import DTYPES as CACHE_DTYPES
 from sweeper.feeds._feed import Feed, Feeds, image_feed
 from sweeper.feeds._fill import prefix_outputs
 from sweeper.feeds._keys import Prefix, split_digest, unit_digest
 from sweeper.feeds._memory import MEMORY
+from sweeper.feeds._policy import MODES as CACHE_MODES
 from sweeper.feeds._policy import for_trial
 
-__all__ = ["MEMORY", "Feed", "Feeds", "Prefix", "for_trial", "image_feed", "prefix_outputs",
-           "split_digest", "unit_digest"]
+__all__ = ["CACHE_DTYPES", "CACHE_MODES", "MEMORY", "Feed", "Feeds", "Prefix", "for_trial",
+           "image_feed", "prefix_outputs", "split_digest", "unit_digest"]

@@ -5,6 +5,8 @@
   tables ``FAMILIES``; ``timm``: any timm model, by timm's layer grouping; ``custom``: your own
   module and the units you name): the network's freeze units, pretrained weights loaded into
   them, the last ``unfrozen`` units trainable and the rest frozen completely;
+- :func:`check_input` says whether the network takes images of a given size (checked
+  before any work, by :mod:`sweeper.validate`);
 - :func:`count_units` says how many units a backbone has: the ``${sweeper.num_units:}``
   resolver that backbone configs use, registered when this package is imported;
 - :func:`named_weights`, :func:`weights_from_file`, :func:`from_torchvision`,
@@ -26,6 +28,7 @@ from sweeper.model._build import (
     backbone_kwargs,
     build,
     check_backbone,
+    check_input,
     count_units,
     describe,
     identity,
@@ -37,5 +40,5 @@ from sweeper.model._freeze import FreezeNet
 from sweeper.model._weights import StateDict, from_file, from_torchvision, load_into
 
 __all__ = ["FAMILIES", "Family", "FreezeNet", "StateDict", "backbone_kwargs", "build",
-           "check_backbone", "count_units", "describe", "from_file", "from_torchvision",
+           "check_backbone", "check_input", "count_units", "describe", "from_file", "from_torchvision",
            "identity", "load_into", "named_weights", "weights_from_file"]

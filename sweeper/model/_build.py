@@ -182,6 +182,71 @@ def count_units(backbone: DictConfig) -> int:
         raise _CountError(str(e)) from None
 
 
+_inputs: dict[str, str | None] = {}
+
+
+def check_input(backbone: DictConfig, image_size: int, key: str = "dataset.image_size") -> None:
+    """Fail, naming ``key``, unless the backbone's network takes 3-channel images of
+    ``image_size`` pixels (a ViT's patch size, a network built for another size, images too
+    small for its downsampling). Tried with one image on the meta device (no weights, no
+    compute), and only when that fails, for real on the CPU (some operations have no meta
+    version), once per network and size in a process."""
+    _check_settings(backbone)
+    probe = json.dumps([identity(backbone), int(image_size)], sort_keys=True, default=str)
+    if probe not in _inputs:
+        _inputs[probe] = _forward_problem(backbone, int(image_size))
+    if _inputs[probe] is not None:
+        raise UserError(f"{key}={image_size}: {describe(backbone)} cannot take "
+                        f"{image_size}x{image_size} images ({_inputs[probe]}).")
+
+
+def _forward_problem(backbone: DictConfig, size: int) -> str | None:
+    """None when one image of ``size`` pixels goes through the network, else what went wrong
+    and what would work."""
+    try:
+        with torch.device("meta"):
+            network(backbone).eval()(torch.empty(1, 3, size, size))
+        return None
+    except UserError as e:
+        if not _about_size(str(e)):
+            raise
+    except Exception:  # noqa: BLE001 - tried again for real below, where the error counts
+        pass
+    model = None
+    try:
+        model = network(backbone).eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+        return None
+    except UserError as e:  # a builder given the image size (a ViT) refused it
+        if not _about_size(str(e)):
+            raise
+        said = str(e).strip().splitlines()[0]
+    except Exception as e:  # noqa: BLE001 - whatever the network says about this input
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    hints = []
+    patch = getattr(model, "patch_size", None) if model is not None else None
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch is None and patch_embed is not None:
+        patch = getattr(patch_embed, "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        patch = patch[0]
+    if patch is None and "patch" in said.lower():
+        patch = "its patch size"
+    if patch is not None:
+        hints.append(f"use a multiple of {patch}")
+    if "expected" in said.lower() or "doesn't match" in said.lower():
+        arg = "img_size" if kind_of(backbone) == "timm" else "image_size"
+        hints.append(f"build it for this size: '+backbone.kwargs.{arg}=${{dataset.image_size}}'")
+    if "too small" in said.lower():
+        hints.append("use larger images")
+    return said + ("; " + "; ".join(hints) if hints else "")
+
+
+def _about_size(message: str) -> bool:
+    return any(w in message.lower() for w in ("patch", "size", "shape"))
+
+
 # backbone.num_units of every backbone that is not a hand-cut family: derived from its network.
 OmegaConf.register_new_resolver("sweeper.num_units", lambda *, _parent_: count_units(_parent_),
                                 replace=True)

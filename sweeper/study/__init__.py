@@ -7,7 +7,9 @@
 - in each job, :func:`hydra_trial` and :func:`run_job` run one trial of the study: they report
   its epochs for pruning, keep its heartbeat and tell Optuna the result (``_job``; a trial's
   heartbeat, failure and loss: ``_trials``);
-- the settings: :func:`default_settings`, :func:`settings_in`, :func:`make_sampler`,
+- :class:`CheckBeforeWork`, a Hydra callback, checks the config (:mod:`sweeper.validate`)
+  and the study's settings (:func:`check_settings`) before Hydra creates a folder;
+- the settings: :func:`check_settings`, :func:`default_settings`, :func:`settings_in`, :func:`make_sampler`,
   :func:`make_pruner` (``_settings``) and the search space, :func:`parse_space` (``_space``);
 - the MLflow side (a parent run per study, a child run per trial, the Pareto table) is
   ``_mlflow``; the live table or log lines, ``_progress``.
@@ -21,12 +23,18 @@ Example::
     print(result.parent_run_id, result.pareto)
 """
 
-from sweeper.study._hydra import HydraSweeper
+from sweeper.study._hydra import CheckBeforeWork, HydraSweeper
 from sweeper.study._job import hydra_trial, run_job
 from sweeper.study._runner import StudyResult, StudyRunner, optimize
-from sweeper.study._settings import default_settings, make_pruner, make_sampler, settings_in
+from sweeper.study._settings import (
+    check_settings,
+    default_settings,
+    make_pruner,
+    make_sampler,
+    settings_in,
+)
 from sweeper.study._space import Space, parse_space
 
-__all__ = ["HydraSweeper", "Space", "StudyResult", "StudyRunner", "default_settings",
-           "hydra_trial", "make_pruner", "make_sampler", "optimize", "parse_space", "run_job",
-           "settings_in"]
+__all__ = ["CheckBeforeWork", "HydraSweeper", "Space", "StudyResult", "StudyRunner",
+           "check_settings", "default_settings", "hydra_trial", "make_pruner", "make_sampler",
+           "optimize", "parse_space", "run_job", "settings_in"]

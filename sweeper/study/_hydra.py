@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import traceback
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper.config import task_config
+from sweeper.errors import UserError
 from sweeper.study._runner import StudyRunner
-from sweeper.study._settings import one_at_a_time
+from sweeper.study._settings import check_settings, one_at_a_time, settings_in
 from sweeper.study._space import quote
+from sweeper.validate import check_config
 
 log = logging.getLogger("sweeper.study")
 
@@ -69,3 +75,36 @@ class HydraSweeper:
         # sweep resolved it.
         storage.append(f"hydra.sweeper.storage={quote(runner.storage_spec)}")
         return runner.run(str(settings.get("progress", "auto")))
+
+
+class CheckBeforeWork(Callback):
+    """The whole config checked before Hydra creates a folder or starts a job
+    (``hydra.callbacks.check`` in ``conf/config.yaml``): :func:`sweeper.validate.check_config`
+    on the task config and, for a study, :func:`check_settings` on ``hydra.sweeper``.
+
+    Hydra turns an exception raised in a callback into a warning and carries on, so a
+    mistake is printed here, alone, and ends the process with status 1
+    (``HYDRA_FULL_ERROR=1`` adds the trace)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, study=False)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, study=str(config.hydra.sweeper.get("_target_", "")).endswith(
+            "sweeper_optuna.OptunaSweeper"))
+
+    @staticmethod
+    def _check(config: DictConfig, study: bool) -> None:
+        try:
+            HydraConfig.instance().set_config(config)  # ${hydra:...} in the task config
+            task = task_config(config)
+            check_config(task)
+            if study:
+                settings = settings_in(task, config.hydra.sweeper)
+                OmegaConf.resolve(settings)
+                check_settings(settings, task, list(config.hydra.overrides.task))
+        except UserError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                traceback.print_exc()
+            print(str(e), file=sys.stderr)
+            sys.exit(1)
