@@ -120,6 +120,7 @@ class Data:
     test: Split
     classes: list[int]  # original class ids, in the order of the new labels
     normalize: Normalize
+    skipped: list[str] = field(default_factory=list)  # unreadable image files left out, why
 
 
 class Normalize(nn.Module):
@@ -441,6 +442,10 @@ def load(cfg: DictConfig) -> Data:
     src = kind.sources(cfg)
     present = sorted(set(src.train.labels.tolist()))
     classes = list(cfg.classes) if cfg.classes is not None else present
+    if len(classes) < 2:
+        raise UserError(f"{cfg.name}: found {len(classes)} class ({', '.join(map(str, classes)) or 'none'}"
+                        f"); a classifier needs at least two. Give each class its own folder "
+                        "(or label), or name two or more in dataset.classes.")
     missing = [c for c in classes if c not in present]
     if missing:
         raise UserError(f"dataset.classes names classes {missing} that {cfg.name} does not have "
@@ -482,4 +487,4 @@ def load(cfg: DictConfig) -> Data:
     if min(len(train), len(val), len(test)) == 0:
         raise UserError(f"{cfg.name}: a split is empty (train {len(train)}, val {len(val)}, "
                         f"test {len(test)}); raise the *_per_class counts.")
-    return Data(train, val, test, classes, Normalize(cfg.mean, cfg.std))
+    return Data(train, val, test, classes, Normalize(cfg.mean, cfg.std), skipped)

@@ -1,5 +1,9 @@
 """Errors a user can cause and fix: Hydra prints their message alone and exits non-zero."""
 
+import errno
+import logging
+from pathlib import Path
+
 from hydra.errors import CompactHydraException
 
 
@@ -11,6 +15,11 @@ class UserError(CompactHydraException):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying the one line that says what was kept and how to go on; the entry
+    points print it alone (no trace through whatever was running) and exit with status 130."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception in one line for a message: its type and the first line of what it says,
     without SQLAlchemy's wrapper and link (the driver's own words are what the user needs)."""
@@ -19,3 +28,29 @@ def first_line(error: BaseException) -> str:
         text = text.split(") ", 1)[1]
     line = text.splitlines()[0].strip() if text else ""
     return line or type(error).__name__
+
+
+def log_trace(logger: logging.Logger, error: BaseException, what: str) -> None:
+    """``error``'s stack trace, for the log files only (Hydra's job log ``<job>.log``): the
+    console gets the one-line reason, the file keeps what a developer needs."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if not handlers:
+        return
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s, its trace:", (what,),
+                               (type(error), error, error.__traceback__))
+    for handler in handlers:
+        if record.levelno >= handler.level:
+            handler.handle(record)
+
+
+def cannot_write(what: str, path: Path | str, error: OSError, setting: str) -> UserError:
+    """The error for a file that could not be written (a full disk, a quota, a read-only or
+    unwritable folder): what, where, why, and the setting that moves it."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full" if error.errno == errno.ENOSPC else "the disk quota is exceeded"
+        todo = f"free some space there, or move it elsewhere with {setting}=/other/disk"
+    else:
+        why = error.strerror or type(error).__name__
+        todo = f"make that folder writable, or move it with {setting}=/writable/folder"
+    return UserError(f"Cannot write {what} {path}: {why}. Nothing already recorded was lost; "
+                     f"{todo}, and run the same command again.")

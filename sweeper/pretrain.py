@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import data as data_mod
 from sweeper.device import place_model, resolve_device
+from sweeper.errors import cannot_write
 from sweeper.model import StateDict, build, identity, named_weights, weights_from_file
 from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
 from sweeper.train import evaluate, fit
@@ -122,11 +124,18 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
                     step=len(result.epochs))
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         state = {k: v.cpu().contiguous() for k, v in tv_model.state_dict().items()}  # NCHW on disk
-        torch.save({"state_dict": state}, tmp)
-        os.replace(tmp, path)
-        path.with_suffix(".json").write_text(json.dumps(
-            {"key": checkpoint_key(cfg), "mlflow_run_id": run.run_id, "val_acc": result.val_acc,
-             "test_acc": test_acc, "train_time_s": train_time_s}, indent=2))
+        buffer = io.BytesIO()  # written by Python, whose errors say a disk is full (torch's do not)
+        torch.save({"state_dict": state}, buffer)
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+            os.replace(tmp, path)
+            path.with_suffix(".json").write_text(json.dumps(
+                {"key": checkpoint_key(cfg), "mlflow_run_id": run.run_id,
+                 "val_acc": result.val_acc, "test_acc": test_acc, "train_time_s": train_time_s},
+                indent=2))
+        except OSError as e:  # a full disk: no partial checkpoint is left behind
+            tmp.unlink(missing_ok=True)
+            raise cannot_write("the source checkpoint", path, e, "paths.pretrained") from None
         run.tags({Tag.CHECKPOINT: str(path)})
         log.info("Source pretraining done: test accuracy %.3f in %.1fs", test_acc, train_time_s)
     except BaseException as e:

@@ -160,7 +160,6 @@ def open_store(uri: str, key: str = "tracking.uri") -> MlflowClient:
     if uri in _opened:
         return MlflowClient(tracking_uri=uri)
     try:
-        client = MlflowClient(tracking_uri=uri)
         if uri.startswith(("http://", "https://")):
             import requests
 
@@ -168,9 +167,12 @@ def open_store(uri: str, key: str = "tracking.uri") -> MlflowClient:
         if uri.startswith("sqlite:///"):
             from filelock import FileLock
 
+            # The client creates (and upgrades) the tracking and model-registry tables.
             with FileLock(uri[len("sqlite:///"):] + ".lock"):
+                client = MlflowClient(tracking_uri=uri)
                 client.search_experiments(max_results=1)
         else:
+            client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - every way a store fails is the user's to fix
         raise UserError(_store_problem(uri, key, e)) from None

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweeper import data as data_mod
 from sweeper import feeds, timing
 from sweeper.device import as_input, configure, gather, place_model, resolve_device
+from sweeper.errors import Interrupted
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import pretrain_run_id, resolve_weights
 from sweeper.tracking import (
@@ -93,6 +94,9 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
         result = _train_and_test(cfg, run, device, on_epoch)
     except BaseException as e:
         run.finish(_ended_by(e), e)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+            raise Interrupted(f"Interrupted: the trial's MLflow run {run.run_id} ended KILLED; "
+                              "run the same command again to train it.") from None
         raise
     run.finish(State.COMPLETE)
     log.info("val_acc %.4f  test_acc %.4f  train_time_s %.2f  (MLflow run %s)",
@@ -106,6 +110,9 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
     seed_everything(cfg.trainer, device)
     reset_peak_memory(device)
     data = data_mod.load(cfg.dataset)
+    if data.skipped:  # dataset.on_bad_image=skip: how many, and which, on the run
+        run.metrics({"skipped_images": len(data.skipped)})
+        run.text("\n".join(data.skipped) + "\n", "skipped_images.txt")
     model = _model(cfg, run, len(data.classes), device)
     trainable, frozen = model.count_parameters()
     params = {"trainable_params": trainable, "frozen_params": frozen}

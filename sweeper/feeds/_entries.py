@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sweeper.errors import cannot_write
 from sweeper.feeds._keys import FORMAT, chunked_digest, tensor_bytes
 
 MAGIC = b"SWEEPER-FEATURES\n"
@@ -37,12 +38,16 @@ def write(path: Path, key: str, rows: torch.Tensor, meta: dict) -> dict:
     header = MAGIC + json.dumps(meta).encode()
     assert len(header) < HEADER_BYTES, "entry header too long"
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(header.ljust(HEADER_BYTES, b" "))
-        f.write(tensor_bytes(rows))
-    # No fsync: an entry torn by a crash fails its size or checksum check and is rebuilt, and
-    # forcing GBs of entries to disk would cost seconds per entry.
-    os.replace(tmp, path)  # readers see the whole entry or none
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.ljust(HEADER_BYTES, b" "))
+            f.write(tensor_bytes(rows))
+        # No fsync: an entry torn by a crash fails its size or checksum check and is rebuilt,
+        # and forcing GBs of entries to disk would cost seconds per entry.
+        os.replace(tmp, path)  # readers see the whole entry or none
+    except OSError as e:  # a full disk: no partial entry is left behind
+        tmp.unlink(missing_ok=True)
+        raise cannot_write("the feature cache entry", path, e, "paths.cache") from None
     return meta
 
 

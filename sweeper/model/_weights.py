@@ -18,6 +18,7 @@ Which of them ``backbone.weights`` asks for, including ``source`` (pretrained he
 from __future__ import annotations
 
 import os
+import re
 import socket
 import urllib.error
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from torchvision.models import vision_transformer as tv_vit
 
-from sweeper.errors import UserError
+from sweeper.errors import UserError, first_line
 from sweeper.model._torchvision import weights_enum
 
 StateDict = dict[str, torch.Tensor]
@@ -68,13 +69,28 @@ def from_file(path: str | os.PathLike) -> StateDict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UserError(f"backbone.weights={path} is not a readable PyTorch state dict ({e}).") from None
+        raise UserError(f"backbone.weights={path} is not a readable state dict ({_why(e)}). "
+                        "Save one with torch.save(model.state_dict(), path), or as .safetensors."
+                        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise UserError(f"backbone.weights={path} holds a {type(state).__name__}, not a state dict.")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _why(error: Exception) -> str:
+    """Why torch could not read a file, without its advice to load it with
+    ``weights_only=False``: that runs whatever code the file holds (unsafe for a file from
+    elsewhere), and a state dict never needs it."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        return ("it holds Python objects, not only tensors"
+                + (f" (first: {found.group(1)})" if found else "")
+                + "; only tensors are loaded from a weights file")
+    return f"not a file torch.save wrote: {type(error).__name__}: {first_line(error)}"
 
 
 def from_timm(arch: str, weights: str, kwargs: dict, file: str | os.PathLike | None = None

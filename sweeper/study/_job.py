@@ -14,6 +14,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+from sweeper.errors import log_trace
 from sweeper.storage import open_storage
 from sweeper.study import _trials
 from sweeper.study._mlflow import trial_runs, trial_tags
@@ -79,7 +80,8 @@ def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any
         return {"state": State.PRUNED, "error": str(e)}
     except Exception as e:  # noqa: BLE001 - any failure of the trial is recorded, not fatal
         reason = f"{type(e).__name__}: {e}"
-        log.error("trial %d failed: %s", number, reason, exc_info=True)
+        log.error("trial %d failed: %s", number, " ".join(reason.split()))  # one line
+        log_trace(log, e, f"trial {number} failed")
         _trials.fail(study, storage, trial_id, number, reason, tracker, parent)
         return {"state": State.FAILED, "error": reason}
     finally:

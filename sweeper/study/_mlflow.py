@@ -73,9 +73,13 @@ def start_parent(tracker: Tracker, study_name: str, storage: str, params: Mappin
 
 
 def reopen(tracker: Tracker, run_id: str) -> Run:
-    """The parent run, back to RUNNING if an earlier sweep had ended it."""
-    if tracker.client.get_run(run_id).info.status != "RUNNING":
+    """The parent run, back to RUNNING if an earlier sweep had ended it, without the error
+    that ended it (``interrupted; run the same command to resume``: resuming is that)."""
+    run = tracker.client.get_run(run_id)
+    if run.info.status != "RUNNING":
         tracker.client.update_run(run_id, status="RUNNING")
+    if Tag.ERROR in run.data.tags:
+        tracker.client.delete_tag(run_id, Tag.ERROR)
     return Run(tracker.client, run_id)
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.config import task_config
-from sweeper.errors import UserError
+from sweeper.errors import Interrupted, UserError
 from sweeper.report import make_report, show
 from sweeper.storage import StudyLock, is_url, journal_path, open_storage, storage_label
 from sweeper.study import _trials
@@ -210,7 +210,12 @@ class StudyRunner:
             self._abandon_mine("interrupted (KeyboardInterrupt)")
             self.parent.tags({"error": "interrupted; run the same command to resume"})
             self.parent.end("KILLED")
-            raise
+            done = sum(t.state.is_finished() and _trials.counts_toward_total(t)
+                       for t in self.study.get_trials(deepcopy=False))
+            raise Interrupted(
+                f"Interrupted: study {self.name!r} is resumable ({done} of {self.n_trials} "
+                "trials finished, the interrupted ones will run again): run the same command "
+                f"again to resume it. MLflow parent run {self.parent.run_id}.") from None
         finally:
             self.heartbeat.close()
         return self._finish()
@@ -267,8 +272,7 @@ class StudyRunner:
             reason = ("lost: its job was killed before it could report ("
                       + " ".join(str(error).splitlines()[:2]) + ")")
             with self.lock():
-                if _trials.mark_lost(self.storage, now, reason):
-                    self._after_lost(now, reason)
+                self._lose(now, reason)
             now = self.storage.get_trial(trial._trial_id)
         elif now.state == TrialState.RUNNING:  # the job never got to tell: it failed outside it
             reason = (f"{type(error).__name__}: {error}" if error is not None
@@ -303,30 +307,37 @@ class StudyRunner:
         for t in _trials.stale_trials(self.study, grace):
             reason = (f"lost: no heartbeat for more than {grace:g} s (its process was killed "
                       f"or its machine went away; worker {t.system_attrs.get(_trials.WORKER)})")
-            if t._trial_id in self._mine or not _trials.mark_lost(self.storage, t, reason):
+            if t._trial_id in self._mine or not self._lose(t, reason):
                 continue
-            self._after_lost(t, reason)
             lost.append(t)
         return lost
 
-    def _after_lost(self, t: FrozenTrial, reason: str, state: State = State.FAILED) -> None:
-        log.warning("trial %d %s", t.number, reason)
+    def _lose(self, t: FrozenTrial, reason: str, state: State = State.FAILED) -> bool:
+        """Fail trial ``t``, whose process is gone, as lost (retried once): its MLflow run
+        ended in ``state`` first (made if it had none), so that the failed trial links it
+        (user attr ``mlflow_run_id``; a finished trial takes no more attributes). False if
+        someone else finished it first."""
         try:
-            fail_trial_runs(self.tracker, self.parent.run_id, self.name, t.number, reason,
-                            state=state)
+            run_id = fail_trial_runs(self.tracker, self.parent.run_id, self.name, t.number,
+                                     reason, state=state)
         except Exception as e:  # noqa: BLE001 - MLflow trouble must not block the study
             log.warning("could not mark the MLflow run of trial %d: %s", t.number, e)
+            run_id = None
+        if not _trials.mark_lost(self.storage, t, reason, run_id):
+            return False
+        log.warning("trial %d %s", t.number, reason)
         if self.s.retry_lost and "retry_of" not in t.user_attrs:
             self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             log.info("trial %d will be retried once with the same parameters", t.number)
+        return True
 
     def _abandon_mine(self, reason: str) -> None:
         with self._mine_lock:
             mine = list(self._mine)
         for trial_id in mine:
             t = self.storage.get_trial(trial_id)
-            if t.state == TrialState.RUNNING and _trials.mark_lost(self.storage, t, reason):
-                self._after_lost(t, reason, State.KILLED)
+            if t.state == TrialState.RUNNING:
+                self._lose(t, reason, State.KILLED)
 
     def _wait_for_others(self) -> bool:
         """Once this sweep has nothing left to ask: wait on other sweeps' running trials.

@@ -137,10 +137,14 @@ def check_settings(settings: DictConfig, cfg: DictConfig, arguments: Sequence[st
             raise UserError(f"hydra.sweeper.objectives.{name}={direction} is not valid: use "
                             "maximize or minimize.")
     space = parse_space(settings.params or {}, settings.get("conditions") or {}, arguments)
+    # With a config group searched (backbone=a,b), each trial's backbone is its own: its unit
+    # count is checked by the trial.
+    per_trial = any("." not in key.lstrip("+~") for key in space.sampled)
     for key, dist in space.sampled.items():
-        _check_searched(cfg, key, _ends(dist), f"hydra.sweeper.params.{key} searches {dist}")
+        _check_searched(cfg, key, _ends(dist), f"hydra.sweeper.params.{key} searches {dist}",
+                        per_trial)
     for key, value in space.fixed.items():
-        _check_searched(cfg, key, [_value(value)], f"{key}={value}")
+        _check_searched(cfg, key, [_value(value)], f"{key}={value}", per_trial)
     if not _is_grid(settings):  # a grid sampler is built from the space, by the runner
         make_sampler(settings.get("sampler"))
     make_pruner(settings.get("pruner"))
@@ -169,13 +173,14 @@ def _value(text: str) -> Any:
     return OverridesParser.create().parse_override(f"k={text}").value()
 
 
-def _check_searched(cfg: DictConfig, key: str, values: Sequence[Any], where: str) -> None:
+def _check_searched(cfg: DictConfig, key: str, values: Sequence[Any], where: str,
+                    per_trial: bool = False) -> None:
     found = rule_for(key.lstrip("+~"))
     for value in values:
         try:
             if found is not None:
                 found[1].check(value, found[0])
-            if key.lstrip("+~") == "freeze.unfrozen" and not isinstance(value, bool):
+            if key.lstrip("+~") == "freeze.unfrozen" and not per_trial:
                 check_backbone(cfg.backbone, value)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None

@@ -95,12 +95,15 @@ def stale_trials(study: optuna.Study, grace_period: float) -> list[FrozenTrial]:
             if now - last_sign_of_life(t) > grace_period]
 
 
-def mark_lost(storage: BaseStorage, trial: FrozenTrial, reason: str) -> bool:
-    """FAIL a trial whose process is gone, with ``reason`` in its user attr ``error``;
-    False if someone else finished it first."""
+def mark_lost(storage: BaseStorage, trial: FrozenTrial, reason: str,
+              run_id: str | None = None) -> bool:
+    """FAIL a trial whose process is gone, with ``reason`` in its user attr ``error`` (and its
+    MLflow run in ``mlflow_run_id``); False if someone else finished it first."""
     try:
         storage.set_trial_system_attr(trial._trial_id, LOST, True)
         storage.set_trial_user_attr(trial._trial_id, "error", reason)
+        if run_id:
+            storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", run_id)
         return bool(storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL))
     except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
         return False
