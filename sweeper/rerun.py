@@ -37,11 +37,10 @@ def default_uri() -> str:
 def logged_config(run_id: str, tracking_uri: str) -> tuple[DictConfig, Any]:
     """The resolved config a trial ran with, and its MLflow run."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from sweeper.tracking import absolute_uri
+    from sweeper.tracking import open_store
 
-    client = MlflowClient(tracking_uri=absolute_uri(tracking_uri))
+    client = open_store(tracking_uri, "--tracking-uri")
     try:
         run = client.get_run(run_id)
     except MlflowException:

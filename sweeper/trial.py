@@ -93,7 +93,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
         log_inputs(run, cfg, overrides, hydra_dir, flags)
         result = _train_and_test(cfg, run, device, on_epoch)
     except BaseException as e:
-        run.finish(_ended_by(e), e)
+        run.finish(_ended_by(e), "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else e)
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
             raise Interrupted(f"Interrupted: the trial's MLflow run {run.run_id} ended KILLED; "
                               "run the same command again to train it.") from None

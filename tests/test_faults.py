@@ -1,0 +1,260 @@
+"""Bad data, storage, paths, a full disk, sweeps started at once, Ctrl-C: each ends with one
+clear message and a non-zero exit (nothing already recorded lost), or works as described."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from sweeper.errors import UserError
+from tests.conftest import ROOT, TINY
+from tests.test_cli_errors import _fails_cleanly
+from tests.test_study import STUDY, check_consistent, load_study, study_runs
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def _images(root: Path, classes: dict[str, int], bad: str | None = None) -> Path:
+    from PIL import Image
+
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (12, 12), (40 * i % 255, 80, 120)).save(root / name / f"{i}.png")
+    if bad:
+        (root / bad).write_bytes(b"\xff\xd8 not really a jpeg")
+    return root
+
+
+FOLDER = ["dataset=image_folder", "dataset.image_size=32", "dataset.train_per_class=3",
+          "dataset.val_per_class=2", "dataset.test_per_class=null"]
+
+
+def test_unreadable_images_skipped_are_counted_on_the_run(make_cfg, tmp_path, mlflow_client):
+    from sweeper.trial import run_trial
+
+    root = _images(tmp_path / "imgs", {"a": 7, "b": 7}, bad="a/broken.jpg")
+    result = run_trial(make_cfg(*FOLDER, f"dataset.root={root}"))
+    run = mlflow_client.get_run(result["run_id"])
+    assert run.data.metrics["skipped_images"] == 1
+    listed = Path(run.info.artifact_uri.removeprefix("file://")) / "skipped_images.txt"
+    assert "broken.jpg" in listed.read_text()
+
+
+def test_bad_data_from_the_command_line(cli, tmp_path, mlflow_client):
+    root = _images(tmp_path / "imgs", {"a": 7, "b": 7}, bad="a/broken.jpg")
+    _fails_cleanly(cli(*FOLDER, f"dataset.root={root}", "dataset.on_bad_image=fail"),
+                   "Cannot read image", "broken.jpg")
+    one = _images(tmp_path / "one", {"only": 9})
+    _fails_cleanly(cli(*FOLDER, f"dataset.root={one}"), "a classifier needs at least two")
+
+
+def test_a_corrupt_mlflow_store_is_named_and_kept(cli, outputs):
+    store = outputs / "mlflow.db"
+    store.write_bytes(b"this is not a database" * 100)
+    done = cli()
+    _fails_cleanly(done, f"{store} is not a readable MLflow store", f"mv {store} {store}.bad")
+    assert store.read_bytes() == b"this is not a database" * 100
+
+
+def test_an_outputs_path_that_cannot_be_created(cli, tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    done = cli(f"paths.outputs={file}/outputs")
+    _fails_cleanly(done, f"{file} is a file, not a folder")
+
+
+def test_an_unreachable_database_is_one_message(cli, outputs):
+    done = cli("hydra.sweeper.storage=postgresql://sweeper:secret@127.0.0.1:9/nope",
+               flags=("-m",))
+    _fails_cleanly(done, "cannot open the Optuna storage", "Connection refused")
+    assert "secret" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr
+
+
+def test_a_full_disk_while_writing_a_cache_entry(make_cfg, outputs, mlflow_client, monkeypatch):
+    from sweeper.trial import run_trial
+
+    real = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith(".feat"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(UserError, match=r"Cannot write the feature cache entry .*: the disk is "
+                                        r"full\. Nothing already recorded was lost; .*paths.cache="):
+        run_trial(make_cfg("freeze.unfrozen=2"))
+    assert not [p for p in (outputs / "cache").rglob("*") if ".tmp" in p.name]
+    (run,) = mlflow_client.search_runs(
+        [mlflow_client.get_experiment_by_name("sweeper").experiment_id])
+    assert run.info.status == "FAILED" and "disk is full" in run.data.tags["error"]
+    assert run.data.params["freeze.unfrozen"] == "2"  # what was recorded stays
+
+
+def test_a_full_disk_while_writing_a_checkpoint(make_cfg, outputs, mlflow_client, monkeypatch):
+    from sweeper.trial import run_trial
+
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.parent == outputs / "pretrained":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UserError, match=r"Cannot write the source checkpoint .*: the disk is full"):
+        run_trial(make_cfg("backbone.weights=source", "source.dataset.train_per_class=4",
+                           "source.dataset.val_per_class=2", "source.dataset.test_per_class=2",
+                           "source.trainer.epochs=1"))
+    assert [p.suffix for p in (outputs / "pretrained").iterdir()] == [".lock"]  # no partial file
+    exp = mlflow_client.get_experiment_by_name("sweeper").experiment_id
+    (pretrain,) = mlflow_client.search_runs([exp], "tags.`sweeper.kind` = 'pretrain'")
+    assert pretrain.info.status == "FAILED" and "disk is full" in pretrain.data.tags["error"]
+
+
+def test_an_unreadable_weights_file_does_not_suggest_unsafe_loading(tmp_path):
+    from sweeper.model import from_file
+
+    class Thing:
+        pass
+
+    path = tmp_path / "w.pt"
+    torch.save({"layer": Thing()}, path)
+    with pytest.raises(UserError) as e:
+        from_file(path)
+    assert "holds Python objects, not only tensors" in str(e.value)
+    assert "weights_only" not in str(e.value)
+
+
+# --- several sweeps at once on a new folder ---------------------------------------------
+
+def _open_store(uri: str, barrier, results) -> None:
+    from sweeper.tracking import open_store
+
+    barrier.wait()  # every process creates the new store at the same instant
+    try:
+        open_store(uri)
+        results.put("ok")
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_opening_a_new_store_at_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    procs = [ctx.Process(target=_open_store, args=(uri, barrier, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
+
+
+def _sweep_cmd(outputs: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "sweeper.run", "-m", *TINY, f"paths.outputs={outputs}",
+            *overrides]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "HYDRA_FULL_ERROR": ""}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def test_sweeps_started_at_once_on_a_new_folder_share_the_study(outputs, mlflow_client):
+    cmd = _sweep_cmd(outputs, "hydra.sweeper.n_trials=3")
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    study = load_study(outputs)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    parent, children = study_runs(mlflow_client)  # one parent run, shared
+    assert len(children) == 3
+    check_consistent(study, mlflow_client)
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------
+
+def _wait_for_an_epoch(mlflow_client, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until a trial's run has logged an epoch (the process is inside training)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        exp = mlflow_client.get_experiment_by_name("sweeper") if (
+            Path(mlflow_client.tracking_uri.removeprefix("sqlite:///")).exists()) else None
+        if exp is not None:
+            runs = mlflow_client.search_runs([exp.experiment_id],
+                                             "tags.`sweeper.kind` = 'trial' and "
+                                             "attributes.status = 'RUNNING'")
+            if any("epoch_time_s" in r.data.metrics for r in runs):
+                return
+        time.sleep(0.2)
+    pytest.fail("no trial reached its first epoch")
+
+
+def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs, mlflow_client):
+    overrides = ("hydra.sweeper.n_trials=2", "trainer.epochs=40", "dataset.size=240")
+    proc = subprocess.Popen(_sweep_cmd(outputs, *overrides), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_an_epoch(mlflow_client, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err + out, err[-3000:]
+    assert f"Interrupted: study '{STUDY}' is resumable" in err.strip().splitlines()[-1]
+    assert "run the same command again to resume it" in err
+
+    study = load_study(outputs)
+    (killed,) = [t for t in study.trials if t.state == TrialState.FAIL]
+    run = mlflow_client.get_run(killed.user_attrs["mlflow_run_id"])  # the failed trial links it
+    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
+
+    done = cli(*overrides, flags=("-m",))  # the same command resumes it
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = load_study(outputs)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
+    assert study.trials[-1].user_attrs.get("retry_of") == killed.number or any(
+        t.user_attrs.get("retry_of") == killed.number for t in study.trials)
+    parent, _ = study_runs(mlflow_client)
+    assert parent.info.status == "FINISHED"
+    assert "error" not in parent.data.tags  # no stale "interrupted" on the finished study
+    check_consistent(study, mlflow_client)
+
+
+def test_ctrl_c_in_one_trial_is_one_line(outputs, mlflow_client):
+    cmd = [sys.executable, "-m", "sweeper.run", *TINY, f"paths.outputs={outputs}",
+           "trainer.epochs=200", "dataset.size=240"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_an_epoch(mlflow_client, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err + out, err[-3000:]
+    assert "ended KILLED; run the same command again" in err.strip().splitlines()[-1]
+
+
+def test_a_failed_trial_is_one_line_on_the_console_its_trace_in_the_job_log(cli, outputs):
+    done = cli("hydra.sweeper.n_trials=1", "optim.lr_head=1e12", "optim.lr_backbone=1e12",
+               "hydra.sweeper.max_failure_rate=1.0", flags=("-m",))
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    assert "trial 0 failed: TrainingDiverged" in console
+    assert "Traceback" not in console
+    logs = list((outputs / "multirun").rglob("*.log"))
+    assert any("Traceback" in p.read_text() for p in logs), logs
