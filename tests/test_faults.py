@@ -127,11 +127,10 @@ def test_a_full_disk_while_writing_a_checkpoint(make_cfg, outputs, mlflow_client
 def test_an_unreadable_weights_file_does_not_suggest_unsafe_loading(tmp_path):
     from sweeper.model import from_file
 
-    class Thing:
-        pass
+    import datetime
 
     path = tmp_path / "w.pt"
-    torch.save({"layer": Thing()}, path)
+    torch.save({"layer": datetime.datetime.now()}, path)  # a Python object: no tensors
     with pytest.raises(UserError) as e:
         from_file(path)
     assert "holds Python objects, not only tensors" in str(e.value)
@@ -208,7 +207,9 @@ def _wait_for_an_epoch(mlflow_client, proc: subprocess.Popen, timeout: float = 3
 
 
 def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs, mlflow_client):
-    overrides = ("hydra.sweeper.n_trials=2", "trainer.epochs=40", "dataset.size=240")
+    # Every unit trained (no cache) on 180 images: a few seconds per trial, to interrupt.
+    overrides = ("hydra.sweeper.n_trials=2", "trainer.epochs=8", "freeze.unfrozen=9",
+                 "dataset.size=300", "dataset.train_per_class=60")
     proc = subprocess.Popen(_sweep_cmd(outputs, *overrides), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_an_epoch(mlflow_client, proc)
@@ -238,7 +239,7 @@ def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs
 
 def test_ctrl_c_in_one_trial_is_one_line(outputs, mlflow_client):
     cmd = [sys.executable, "-m", "sweeper.run", *TINY, f"paths.outputs={outputs}",
-           "trainer.epochs=200", "dataset.size=240"]
+           "trainer.epochs=200", "freeze.unfrozen=9"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_an_epoch(mlflow_client, proc)
