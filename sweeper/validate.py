@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sweeper import data as data_mod
 from sweeper.device import resolve_device
 from sweeper.errors import UserError
-from sweeper.feeds import CACHE_DTYPES, CACHE_MODES
+from sweeper.feeds import CACHE_DTYPES, CACHE_MODES, check_cache
 from sweeper.model import check_backbone, check_input
 from sweeper.tracking import check_store
 from sweeper.train import SCHEDULES
@@ -330,6 +330,7 @@ COMBINATIONS: tuple[Callable[[DictConfig], None], ...] = (
     lambda cfg: check_input(cfg.backbone, int(cfg.dataset.image_size), "dataset.image_size"),
     _check_weights,
     lambda cfg: resolve_device(str(cfg.trainer.device)),
+    lambda cfg: check_cache(cfg.get("cache"), data_mod.augment(cfg.get("augment"))),
 )
 
 

@@ -49,6 +49,7 @@ MISTAKES = [
     (["cache.mode=always"], "cache.mode=always is not valid"),
     (["cache.memory_budget_mb=-5"], "cache.memory_budget_mb=-5 is not valid"),
     (["augment.crop_padding=-4"], "augment.crop_padding=-4 is not valid"),
+    (["cache.mode=on", "augment=crop_flip"], "cache.mode=on, but the train transform is random"),
     (["backbone=vit_b_16", "dataset.image_size=30"],
      "dataset.image_size=30: torchvision's vit_b_16 cannot take 30x30 images"),
     (["backbone=torchvision", "backbone.arch=vit_b_32"],

@@ -29,7 +29,7 @@ from sweeper.feeds._fill import prefix_outputs
 from sweeper.feeds._keys import Prefix, split_digest, unit_digest
 from sweeper.feeds._memory import MEMORY
 from sweeper.feeds._policy import MODES as CACHE_MODES
-from sweeper.feeds._policy import for_trial
+from sweeper.feeds._policy import check_cache, for_trial
 
-__all__ = ["CACHE_DTYPES", "CACHE_MODES", "MEMORY", "Feed", "Feeds", "Prefix", "for_trial",
-           "image_feed", "prefix_outputs", "split_digest", "unit_digest"]
+__all__ = ["CACHE_DTYPES", "CACHE_MODES", "MEMORY", "Feed", "Feeds", "Prefix", "check_cache",
+           "for_trial", "image_feed", "prefix_outputs", "split_digest", "unit_digest"]

@@ -31,6 +31,19 @@ def cache_mode(cache: DictConfig | None) -> str:
     return mode
 
 
+def check_cache(cache: DictConfig | None, augment: Augment | None) -> str:
+    """``cache.mode``, refused with ``cache.mode=on`` and a random train transform (the frozen
+    prefix's train outputs would change every epoch)."""
+    mode = cache_mode(cache)
+    if mode == "on" and augment is not None and augment.random:
+        raise UserError(
+            f"cache.mode=on, but the train transform is random ({augment.describe()}): the frozen "
+            "prefix's train outputs change every epoch, so they cannot be cached. Use "
+            "cache.mode=auto (caches val and test, runs train through the prefix) or augment=none."
+        )
+    return mode
+
+
 def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augment | None,
               device: torch.device, amp: bool = False) -> Feeds:
     """How a trial's train, val and test splits reach ``model.forward_trainable``.
@@ -54,12 +67,7 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
     def images(split: Split, why: str, aug: Augment | None = None) -> Feed:
         return image_feed(model, split, normalize, aug, why)
 
-    if mode == "on" and random_train:
-        raise UserError(
-            f"cache.mode=on, but the train transform is random ({augment.describe()}): the frozen "
-            "prefix's train outputs change every epoch, so they cannot be cached. Use "
-            "cache.mode=auto (caches val and test, runs train through the prefix) or augment=none."
-        )
+    check_cache(cache, augment)
     if mode == "off" or model.cut == 0:
         why = "cache.mode=off" if mode == "off" else "nothing frozen"
         if model.cut == 0 and mode != "off":

@@ -30,6 +30,7 @@ from sweeper.study._mlflow import fail_trial_runs, reopen, start_parent, summari
 from sweeper.study._progress import Progress
 from sweeper.study._settings import (
     apply_overrides,
+    check_settings,
     default_settings,
     describe,
     make_pruner,
@@ -39,6 +40,7 @@ from sweeper.study._settings import (
 )
 from sweeper.study._space import parse_space
 from sweeper.tracking import Run, State, Tracker, config_params
+from sweeper.validate import check_config
 
 log = logging.getLogger("sweeper.study")
 
@@ -451,6 +453,8 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
         if result.get("state") == State.FAILED:
             log.debug("trial %d failed: %s", number, result.get("error"))
 
+    check_config(task)  # before any trial, as the command line's callback does
+    check_settings(settings, task, arguments, storage=False)  # the runner opens the storage
     runner = StudyRunner(settings, task, launch, arguments)
     return runner.run(progress)
 
