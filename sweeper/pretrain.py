@@ -50,10 +50,16 @@ def resolve_weights(cfg: DictConfig) -> tuple[StateDict | None, str]:
     if weights == "source":
         path = source_checkpoint(cfg)
         return weights_from_file(cfg.backbone, str(path)), f"{_SOURCE}{path}"
-    if "/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")) \
-            or Path(weights).exists():
+    if names_a_file(weights):
         return weights_from_file(cfg.backbone, weights), weights
     return named_weights(cfg.backbone, weights)
+
+
+def names_a_file(weights: str) -> bool:
+    """Whether ``backbone.weights`` is a path (the other values are names: ``source``,
+    ``none``, ``DEFAULT``, a library's weights name)."""
+    return ("/" in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+            or Path(weights).exists())
 
 
 def pretrain_run_id(origin: str) -> str | None:

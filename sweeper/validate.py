@@ -5,7 +5,8 @@ what would be valid.
 The rules are declared once, here (:data:`RULES`, per config group, applied to the trial's
 groups and to the source task's under ``source.``); facts they rely on stay where they are
 decided and are referenced, not repeated (a dataset kind's settings and size: :mod:`sweeper.data`;
-a backbone's units and input: :mod:`sweeper.model`; devices: :mod:`sweeper.device`; cache
+a backbone's units and input: :mod:`sweeper.model`; what names a weights file:
+:mod:`sweeper.pretrain`; devices: :mod:`sweeper.device`; cache
 modes and dtypes: :mod:`sweeper.feeds`; the tracking store: :mod:`sweeper.tracking`). The
 sweep's own settings (``hydra.sweeper``) are checked by :mod:`sweeper.study`.
 
@@ -31,6 +32,7 @@ from sweeper.device import resolve_device
 from sweeper.errors import UserError
 from sweeper.feeds import CACHE_DTYPES, CACHE_MODES, check_cache
 from sweeper.model import check_backbone, check_input
+from sweeper.pretrain import names_a_file
 from sweeper.tracking import check_store
 from sweeper.train import SCHEDULES
 
@@ -246,7 +248,7 @@ def _check_dataset(dataset: DictConfig, prefix: str = "") -> None:
             raise UserError(f"{prefix}dataset.classes={classes}: a classifier needs at least two "
                             "classes; name two or more, or null for all.")
         if kind.classes is not None and max(classes) >= kind.classes:
-            raise UserError(f"{prefix}dataset.classes={classes}: {kind_name(dataset)} has classes "
+            raise UserError(f"{prefix}dataset.classes={classes}: {_kind_name(dataset)} has classes "
                             f"0..{kind.classes - 1}.")
     if kind.per_class is None:
         return
@@ -257,25 +259,19 @@ def _check_dataset(dataset: DictConfig, prefix: str = "") -> None:
     if need > kind.per_class:
         asked = " + ".join(f"{prefix}dataset.{k}={counts[k]}" for k in drawn
                            if counts[k] not in (None, _ABSENT))
-        raise UserError(f"{asked} asks for {need} images per class; {kind_name(dataset)} has "
+        raise UserError(f"{asked} asks for {need} images per class; {_kind_name(dataset)} has "
                         f"{kind.per_class} per class in its training set"
                         + ("" if test_set else " (val and test are drawn from it too)")
                         + ": lower those counts.")
     test = counts["test_per_class"]
     if test_set and test not in (None, _ABSENT) and int(test) > kind.test_per_class:
-        raise UserError(f"{prefix}dataset.test_per_class={test}: {kind_name(dataset)}'s test set "
+        raise UserError(f"{prefix}dataset.test_per_class={test}: {_kind_name(dataset)}'s test set "
                         f"has {kind.test_per_class} images per class; use at most that, or null "
                         "for all.")
 
 
-def kind_name(dataset: DictConfig) -> str:
+def _kind_name(dataset: DictConfig) -> str:
     return f"dataset {dataset.get('name')} (kind {data_mod.kind_of(dataset)})"
-
-
-def _check_fake_classes(dataset: DictConfig) -> None:
-    if data_mod.kind_of(dataset) == "fake" and int(dataset.get("num_classes", 2)) < 2:
-        raise UserError(f"dataset.num_classes={dataset.num_classes}: a classifier needs at least "
-                        "two classes.")
 
 
 def _check_weights(cfg: DictConfig) -> None:
@@ -284,10 +280,7 @@ def _check_weights(cfg: DictConfig) -> None:
     if weights is None:
         return
     weights = str(weights)
-    if weights in ("none", "source") or not ("/" in weights or weights.endswith(
-            (".pt", ".pth", ".bin", ".safetensors"))):
-        return
-    if not Path(weights).expanduser().is_file():
+    if weights not in ("none", "source") and names_a_file(weights) and not Path(weights).is_file():
         raise UserError(f"backbone.weights={weights}: no such file. Give the path of a state dict "
                         "saved with torch.save(model.state_dict(), path), or source, none, or "
                         "DEFAULT (the library's pretrained weights).")
@@ -326,7 +319,6 @@ def check_paths(cfg: DictConfig) -> None:
 COMBINATIONS: tuple[Callable[[DictConfig], None], ...] = (
     lambda cfg: check_backbone(cfg.backbone, cfg.freeze.unfrozen, cfg.freeze.get("transferred")),
     lambda cfg: _check_dataset(cfg.dataset),
-    lambda cfg: _check_fake_classes(cfg.dataset),
     lambda cfg: check_input(cfg.backbone, int(cfg.dataset.image_size), "dataset.image_size"),
     _check_weights,
     lambda cfg: resolve_device(str(cfg.trainer.device)),
