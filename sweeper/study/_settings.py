@@ -144,7 +144,8 @@ def check_settings(settings: DictConfig, cfg: DictConfig, arguments: Sequence[st
         _check_searched(cfg, key, _ends(dist), f"hydra.sweeper.params.{key} searches {dist}",
                         per_trial)
     for key, value in space.fixed.items():
-        _check_searched(cfg, key, [_value(value)], f"{key}={value}", per_trial)
+        if value is not None:  # None: a ~key deletion
+            _check_searched(cfg, key, [_value(value)], f"{key}={value}", per_trial)
     if not _is_grid(settings):  # a grid sampler is built from the space, by the runner
         make_sampler(settings.get("sampler"))
     make_pruner(settings.get("pruner"))
