@@ -433,10 +433,10 @@ def load(cfg: DictConfig) -> Data:
     """Load the dataset described by ``cfg`` (a ``dataset/`` config) as train/val/test splits.
 
     Train and val are drawn per class from the source's training set with ``split_seed``;
-    test is the source's own test set (or, for sources without one, drawn after them).
-    ``*_per_class: null`` means all remaining images of that class. A folder already split
-    (``split_folder``, a CSV with a split column) keeps its splits: ``*_per_class`` then takes
-    at most that many images per class from each.
+    test is the source's own test set, the same whatever ``split_seed`` (or, for sources without
+    one, drawn after train and val). ``*_per_class: null`` means all remaining images of that
+    class. A folder already split (``split_folder``, a CSV with a split column) keeps its splits:
+    ``*_per_class`` then takes at most that many images per class from each.
     """
     kind = check(cfg)
     src = kind.sources(cfg)
@@ -477,7 +477,11 @@ def load(cfg: DictConfig) -> Data:
         chunks.append((src.val, _at_most(_per_class(src.val.labels, classes, gen),
                                          cfg.val_per_class)))
     if src.test is not None:
-        chunks.append((src.test, _at_most(_per_class(src.test.labels, classes, gen),
+        # The source's own test set does not move with split_seed (that splits train from val):
+        # every split is tested on the same images, and their frozen-prefix outputs are cached
+        # once.
+        fixed = torch.Generator().manual_seed(0)
+        chunks.append((src.test, _at_most(_per_class(src.test.labels, classes, fixed),
                                           cfg.test_per_class)))
     train, val, test = (_take(pool, chunk, int(cfg.image_size)) for pool, chunk in chunks)
     skipped = sorted({f for pool in (src.train, src.val, src.test) if pool for f in pool.skipped})

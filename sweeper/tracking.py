@@ -101,6 +101,7 @@ class Param(StrEnum):
     LR_HEAD = "optim.lr_head"
     LR_BACKBONE = "optim.lr_backbone"
     SEED = "trainer.seed"
+    SPLIT_SEED = "dataset.split_seed"
     EXPERIMENT = "tracking.experiment"
     DESIGN = "design.name"  # conf/experiment/yosinski.yaml and conf/treatment/
     TREATMENT = "design.treatment"

@@ -115,7 +115,7 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
         run.text("\n".join(data.skipped) + "\n", "skipped_images.txt")
     model = _model(cfg, run, len(data.classes), device)
     trainable, frozen = model.count_parameters()
-    params = {"trainable_params": trainable, "frozen_params": frozen}
+    params = {"trainable_params": trainable, "frozen_params": frozen, "val_images": len(data.val)}
     run.metrics(params)
     bn_s = adapt_batchnorm(model, data, _bn_stats(cfg), device, int(cfg.trainer.batch_size))
     if bn_s is not None:

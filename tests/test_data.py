@@ -30,6 +30,8 @@ def test_fashion_mnist_offline_from_debian_package(make_cfg):
     assert torch.equal(again.train.images, d.train.images)
     other = data.load(make_cfg("dataset.split_seed=1", tiny=False).dataset)
     assert not torch.equal(other.train.images, d.train.images)
+    # the official test set does not move with the split: its cached features serve every split
+    assert torch.equal(other.test.images, d.test.images)
 
 
 def test_normalize_makes_three_channels_on_the_batch():

@@ -1,4 +1,5 @@
-"""The report turns a study's MLflow runs into a table, plots and a recommendation."""
+"""The report turns a study's MLflow runs into a table with intervals, plots, a recommendation
+by the rule of sweeper.decision, and the answer on the parent run."""
 
 from __future__ import annotations
 
@@ -7,36 +8,45 @@ from sweeper.tracking import Tracker
 from sweeper.trial import run_trial
 
 
-def _study(make_cfg, depths, name="s1", lrs=(0.05,)):
-    """A parent run with one child trial per depth (what the Optuna sweeper logs)."""
-    cfg = make_cfg("dataset.train_per_class=6", "trainer.epochs=2")
+def _study(make_cfg, trials, name="s1"):
+    """A parent run with one child run per (depth, lr_head, seed) (what the sweeper logs)."""
+    base = ("dataset.train_per_class=6", "trainer.epochs=2")
+    cfg = make_cfg(*base)
     parent = Tracker(cfg.tracking).start(name, tags={"sweeper.kind": "study",
                                                      "optuna.study_name": name})
-    n = 0
-    for depth in depths:
-        for lr in lrs:
-            run_trial(make_cfg("dataset.train_per_class=6", "trainer.epochs=2",
-                               f"freeze.unfrozen={depth}", f"optim.lr_head={lr}"),
-                      parent_run_id=parent.run_id, tags={"optuna.trial_number": str(n)})
-            n += 1
+    for n, (depth, lr, seed) in enumerate(trials):
+        run_trial(make_cfg(*base, f"freeze.unfrozen={depth}", f"optim.lr_head={lr}",
+                           f"trainer.seed={seed}", f"dataset.split_seed={seed}"),
+                  parent_run_id=parent.run_id, tags={"optuna.trial_number": str(n)})
     parent.end()
     return cfg, parent.run_id
 
 
-def test_report_table_plots_and_recommendation(make_cfg, mlflow_client, outputs):
-    cfg, parent = _study(make_cfg, [0, 4, 9], lrs=(0.05, 0.01))
+def test_report_table_intervals_plots_recommendation_and_answer(make_cfg, mlflow_client, outputs):
+    cfg, parent = _study(make_cfg, [(0, 0.05, 0), (0, 0.01, 0), (4, 0.05, 0), (4, 0.01, 0),
+                                    (4, 0.05, 1), (4, 0.05, 2), (9, 0.05, 0)])
     report = make_report(cfg)  # the latest study
     assert report.parent_run_id == parent
     table = report.table.set_index("unfrozen")
     assert list(table.index) == [0, 4, 9]
-    assert (table.trials == 2).all()
+    assert list(table.trials) == [2, 4, 1]
     assert table.loc[9, "speedup_vs_full"] == 1.0
-    best = report.trials.groupby("unfrozen").val_acc.max()
-    assert (table.best_val_acc == best).all()
-    # the rule: fastest depth within 1 point of the best
-    ok = table[table.best_val_acc >= table.best_val_acc.max() - 0.01]
-    assert report.recommended["unfrozen"] == ok.train_time_s.idxmin()
-    assert "freeze.unfrozen=" in report.recommended["command"]
+    # depth 0: its best learning rate, one trial, a Wilson interval around it
+    first = report.trials[(report.trials.unfrozen == 0) & (report.trials.seed == 0)]
+    assert table.loc[0, "val_acc"] == first.val_acc.max() and table.loc[0, "repeats"] == 1
+    assert table.loc[0, "interval"] == "wilson"
+    # depth 4: its learning rate chosen on seed/split 0, then repeated on seeds/splits 1 and 2
+    # (a repeat at lr 0.05 counts only if 0.05 won the search)
+    chosen = report.trials[(report.trials.unfrozen == 4) & (report.trials.seed == 0)]
+    best_lr = chosen.loc[chosen.val_acc.idxmax()].lr_head
+    assert table.loc[4, "lr_head"] == best_lr
+    assert table.loc[4, "repeats"] == (3 if best_lr == 0.05 else 1)
+    for _, row in table.iterrows():
+        assert row.val_acc_low <= row.val_acc <= row.val_acc_high
+    rec = report.recommended
+    assert rec["status"] in ("within", "reference")
+    assert "95% CI" in report.explanation and f"Unfreeze the last {rec['unfrozen']} units" in report.explanation
+    assert "freeze.unfrozen=" in rec["command"]
     folder = outputs / "studies" / "s1" / "report"
     for f in ("report.md", "pareto.png", "depth.png", "depths.csv"):
         assert (folder / f).is_file(), f
@@ -44,11 +54,22 @@ def test_report_table_plots_and_recommendation(make_cfg, mlflow_client, outputs)
     assert "## Recommendation" in text and "Depths without a complete trial" in text
     logged = {a.path for a in mlflow_client.list_artifacts(parent, "report")}
     assert {"report/report.md", "report/pareto.png", "report/depth.png"} <= logged
+    # the answer, machine-readable, on the parent run
+    run = mlflow_client.get_run(parent)
+    assert run.data.tags["recommended.unfrozen"] == str(rec["unfrozen"])
+    assert float(run.data.tags["recommended.lr_head"]) == rec["lr_head"]
+    assert ("recommended.lr_backbone" in run.data.tags) == (rec["unfrozen"] > 0)
+    assert run.data.metrics["recommended.val_acc_mean"] == rec["val_acc"]
+    assert run.data.metrics["recommended.val_acc_ci_low"] == rec["val_acc_low"]
+    assert run.data.metrics["recommended.val_acc_ci_high"] == rec["val_acc_high"]
+    assert run.data.metrics["recommended.test_acc"] == rec["test_acc"]
+    assert run.data.metrics["recommended.train_time_s"] == rec["train_time_s"]
 
 
 def test_report_with_little_data_says_what_is_missing(make_cfg, outputs):
-    cfg, parent = _study(make_cfg, [1], name="tiny")
-    report = make_report(cfg, study="tiny")
+    cfg, _ = _study(make_cfg, [(1, 0.05, 0)], name="tiny")
+    report = make_report(cfg, study="tiny", tolerance=0.5, confidence=0.9)
     assert report.recommended["unfrozen"] == 1
+    assert report.decision.tolerance == 0.5 and report.decision.confidence == 0.9
     joined = " ".join(report.notes)
-    assert "Full fine-tuning" in joined and "Fewer than 3 complete trials" in joined
+    assert "Full fine-tuning" in joined and "measured once" in joined

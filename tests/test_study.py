@@ -65,8 +65,12 @@ def check_consistent(study: optuna.Study, client) -> None:
             assert run.data.tags["error"] and t.user_attrs["error"]
 
 
+OTHERS = ("hydra/sweeper/sampler=tpe", "hydra/sweeper/objectives=accuracy_time",
+          "hydra/sweeper/pruner=none")  # the study before the depth sampler: still selectable
+
+
 def test_six_trial_study(cli, outputs, mlflow_client):
-    r = cli("hydra.mode=MULTIRUN", "hydra.sweeper.n_trials=6")
+    r = cli("hydra.mode=MULTIRUN", "hydra.sweeper.n_trials=6", *OTHERS)
     assert r.returncode == 0, r.stderr[-3000:]
     study = load_study(outputs)
     assert len(study.trials) == 6
@@ -145,19 +149,22 @@ def tiny_cfg(outputs: Path, *overrides: str):
                        return_hydra_config=True)
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "nsgaii", "gp", "random", "qmc", "grid"])
-@pytest.mark.parametrize("pruner", ["none", "median", "hyperband"])
+@pytest.mark.parametrize("sampler", ["depth", "tpe", "nsgaii", "gp", "random", "qmc", "grid"])
+@pytest.mark.parametrize("pruner", ["depth", "none", "median", "hyperband"])
 def test_configs_build(outputs, sampler, pruner):
     from omegaconf import OmegaConf
 
     from sweeper import study as _optuna  # its sampler and pruner builders
+    from sweeper.config import task_config
 
     cfg = tiny_cfg(outputs, f"hydra/sweeper/sampler={sampler}", f"hydra/sweeper/pruner={pruner}")
     s = OmegaConf.create(OmegaConf.to_container(cfg.hydra.sweeper, resolve=True))
-    space = parse(s.params, s.conditions)
-    grid, _ = space.grid()
-    assert isinstance(_optuna.make_sampler(s.sampler, grid=grid), optuna.samplers.BaseSampler)
+    found = _optuna.search(s, task_config(cfg))
+    assert isinstance(_optuna.make_sampler(s.sampler, search=found), optuna.samplers.BaseSampler)
     assert isinstance(_optuna.make_pruner(s.get("pruner")), optuna.pruners.BasePruner)
+    if sampler == "depth":  # it repeats with the next seed and split: both join the space
+        assert {"trainer.seed", "dataset.split_seed"} <= set(found.space.sampled)
+        assert found.start["optim.lr_head"] == cfg.optim.lr_head
 
 
 def test_space_from_override_grammar():

@@ -67,10 +67,26 @@ def test_pruned_trials(outputs, mlflow_client):
 def test_pruning_needs_one_objective(outputs):
     from sweeper.study import optimize
 
-    cfg = tiny_cfg(outputs, "hydra/sweeper/pruner=median")
+    cfg = tiny_cfg(outputs, "hydra/sweeper/pruner=median", "hydra/sweeper/objectives=accuracy_time")
     assert cfg.hydra.sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
     with pytest.raises(UserError, match="single objective val_acc"):
         optimize(cfg, progress="none")
+
+
+def test_the_default_study_with_two_objectives_runs_unpruned(outputs, mlflow_client):
+    """objectives=accuracy_time keeps working with the default sampler: Optuna takes no
+    per-epoch values in a multi-objective study, so the default pruner steps aside."""
+    from sweeper.study import optimize
+
+    cfg = tiny_cfg(outputs, "hydra/sweeper/objectives=accuracy_time", "trainer.epochs=2")
+    optimize(cfg, {"n_trials": 3, "study_name": "two"}, progress="none")
+    study = load_study(outputs, "two")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert [t.params["freeze.unfrozen"] for t in study.trials] == [0, 9, 4]  # the depth plan
+    parent, _ = study_runs(mlflow_client, "two")
+    assert parent.data.params["pruner"] == "none"
+    check_consistent(study, mlflow_client)
 
 
 def test_pruner_sees_every_epoch_from_the_job(cli, outputs, mlflow_client):

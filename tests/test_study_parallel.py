@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import ROOT, TINY
-from tests.test_study import STUDY, check_consistent, load_study, study_runs
+from tests.test_study import OTHERS, STUDY, check_consistent, load_study, study_runs
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -51,7 +51,8 @@ def test_no_barrier_with_joblib(outputs, mlflow_client):
     for _ in range(4):
         study.enqueue_trial({"trainer.epochs": 1})
     proc = start(outputs, "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2",
-                 "hydra.sweeper.n_trials=5", "trainer.epochs=1,40", "freeze.unfrozen=9")
+                 "hydra.sweeper.n_trials=5", "trainer.epochs=1,40", "freeze.unfrozen=9",
+                 *OTHERS)
     finish(proc, outputs)
     trials = load_study(outputs).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
@@ -84,6 +85,8 @@ def test_two_sweeps_share_the_journal(outputs, mlflow_client):
     assert len(study.trials) == 6
     assert {t.state for t in study.trials} == {TrialState.COMPLETE}
     assert len({t.system_attrs["sweeper:worker"] for t in study.trials}) == 2  # both worked
+    # the default (depth) sampler plans around the other sweep's running trials: no repeat
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6
     parent, children = study_runs(mlflow_client)  # exactly one parent
     assert len(children) == 6 and parent.info.status == "FINISHED"
     check_consistent(study, mlflow_client)
@@ -91,7 +94,8 @@ def test_two_sweeps_share_the_journal(outputs, mlflow_client):
 
 def test_kill_9_then_resume(outputs, mlflow_client):
     args = ("hydra.sweeper.n_trials=3", "trainer.epochs=12", "freeze.unfrozen=9",
-            "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
+            "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3",
+            "hydra/sweeper/pruner=none")
     proc = start(outputs, *args, log_name="killed")
     deadline = time.time() + 300
     victim = None

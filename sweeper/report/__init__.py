@@ -1,8 +1,11 @@
 """Choose the depth: reports made from what MLflow recorded, written and logged as artifacts.
 
-- :func:`make_report` and :func:`show`: a study's table per depth, plots and recommendation
+- :func:`make_report` and :func:`show`: a study's table per depth (keyed by the columns
+  :data:`ARM`), its intervals, plots and recommendation by the rule of :mod:`sweeper.decision`
   (``_study``; its plots, ``_plots``), written under ``paths.studies`` and logged on the
-  study's parent run; every finished study makes one;
+  study's parent run with the answer as ``recommended.*`` tags and metrics; every finished
+  study makes one. :func:`test_trials` names the runs whose test accuracy it shows; the
+  study's parent run records the rule as :data:`RULE_TOLERANCE` and :data:`RULE_CONFIDENCE`;
 - :func:`make_design_report`: a designed experiment's figure and table, such as Yosinski et
   al.'s (``_design``), under ``paths.experiments``;
 - ``python -m sweeper.report`` makes either from the command line (``__main__``).
@@ -16,6 +19,15 @@ Example::
 """
 
 from sweeper.report._design import make_design_report
-from sweeper.report._study import Report, make_report, show
+from sweeper.report._study import (
+    ARM,
+    RULE_CONFIDENCE,
+    RULE_TOLERANCE,
+    Report,
+    make_report,
+    show,
+    test_trials,
+)
 
-__all__ = ["Report", "make_design_report", "make_report", "show"]
+__all__ = ["ARM", "RULE_CONFIDENCE", "RULE_TOLERANCE", "Report", "make_design_report",
+           "make_report", "show", "test_trials"]

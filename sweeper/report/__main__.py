@@ -1,8 +1,8 @@
 """``python -m sweeper.report``: a study's report (default: the latest) or a design's figure.
 
-``study=NAME`` or ``parent_run=RUN_ID`` picks a study, ``tolerance=0.5`` changes the rule's
-tolerance (accuracy points), ``design=yosinski`` reports a designed experiment instead
-(``conf/report.yaml``).
+``study=NAME`` or ``parent_run=RUN_ID`` picks a study, ``tolerance=0.5`` (accuracy points) and
+``confidence=0.9`` change the rule (default: the study's own), ``design=yosinski`` reports a
+designed experiment instead (``conf/report.yaml``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.design:
         make_design_report(cfg, str(cfg.design))
     else:
-        show(make_report(cfg, cfg.study, cfg.parent_run, float(cfg.tolerance),
-                         storage=cfg.storage))
+        show(make_report(cfg, cfg.study, cfg.parent_run, cfg.tolerance, storage=cfg.storage,
+                         confidence=cfg.confidence))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sweeper.decision import Decision
 from sweeper.tracking import State
 
 log = logging.getLogger("sweeper.report")
@@ -24,7 +25,8 @@ def pareto_mask(trials: pd.DataFrame) -> pd.Series:
     return mask
 
 
-def plots(trials: pd.DataFrame, folder: Path, study=None) -> list[str]:
+def plots(trials: pd.DataFrame, table: pd.DataFrame, decision: Decision, folder: Path,
+          study=None) -> list[str]:
     """Draw the study's plots into ``folder``; returns the file names written."""
     import matplotlib
 
@@ -33,6 +35,9 @@ def plots(trials: pd.DataFrame, folder: Path, study=None) -> list[str]:
 
     done = trials[trials.state == State.COMPLETE]
     written = []
+    if len(done) and "status" in table:
+        _depth_plot(plt, done, table, decision, folder / "depth.png")
+        written.append("depth.png")
     if len(done):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         sc = ax.scatter(done.train_time_s, done.val_acc, c=done.unfrozen, cmap="viridis", s=40,
@@ -48,19 +53,6 @@ def plots(trials: pd.DataFrame, folder: Path, study=None) -> list[str]:
         fig.savefig(folder / "pareto.png", dpi=120)
         plt.close(fig)
         written.append("pareto.png")
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        depths = sorted(done.unfrozen.unique())
-        for ax, col, label in ((a1, "val_acc", "validation accuracy"),
-                               (a2, "train_time_s", "training time (s)")):
-            ax.boxplot([done[done.unfrozen == d][col] for d in depths], positions=depths,
-                       widths=0.6)
-            ax.scatter(done.unfrozen, done[col], s=12, alpha=0.6)
-            ax.set(xlabel="unfrozen units", ylabel=label, title=f"{label} by depth")
-        fig.tight_layout()
-        fig.savefig(folder / "depth.png", dpi=120)
-        plt.close(fig)
-        written.append("depth.png")
     if study is not None:
         importances = _importances(study)
         if importances:
@@ -74,6 +66,50 @@ def plots(trials: pd.DataFrame, folder: Path, study=None) -> list[str]:
             plt.close(fig)
             written.append("importance.png")
     return written
+
+
+def _depth_plot(plt, done: pd.DataFrame, table: pd.DataFrame, decision: Decision,
+                path: Path) -> None:
+    """Left: mean validation accuracy per depth with its interval (repeats: t; one trial:
+    Wilson, dashed), every complete trial behind it, the best mean less the tolerance, the
+    recommendation ringed. Right: training time per depth (median, every trial)."""
+    rows = table[table.status.apply(lambda s: isinstance(s, str))]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a1.scatter(done.unfrozen, done.val_acc, s=10, color="0.7", zorder=1,
+               label="every complete trial")
+    conf = decision.confidence
+    for repeated, style in ((True, "-"), (False, "--")):
+        part = rows[(rows.repeats > 1) == repeated]
+        if len(part):
+            bars = a1.errorbar(part.unfrozen, part.val_acc,
+                               yerr=[part.val_acc - part.val_acc_low,
+                                     part.val_acc_high - part.val_acc],
+                               fmt="o", color="C0", capsize=4, zorder=3,
+                               label=(f"mean over repeats, {conf:.0%} CI" if repeated else
+                                      f"one trial, {conf:.0%} Wilson CI"))
+            bars[-1][0].set_linestyle(style)
+    if decision.reference is not None:
+        best = rows[rows.unfrozen == decision.reference].val_acc.iloc[0]
+        a1.axhline(best - decision.tolerance / 100, color="C3", lw=1, ls=":",
+                   label=f"best mean − {decision.tolerance:g} point tolerance")
+    if decision.recommended is not None:
+        pick = rows[rows.unfrozen == decision.recommended]
+        a1.scatter(pick.unfrozen, pick.val_acc, s=220, facecolors="none", edgecolors="C2",
+                   lw=2, zorder=4, label="recommended" + ("" if decision.settled else
+                                                          " (not settled)"))
+    a1.set(xlabel="unfrozen units", ylabel="validation accuracy",
+           title="Validation accuracy by depth")
+    a1.legend(loc="lower right", fontsize=8)
+    a2.scatter(done.unfrozen, done.train_time_s, s=12, color="0.6", label="every complete trial")
+    median = done.groupby("unfrozen").train_time_s.median()
+    a2.plot(median.index, median.values, "o-", color="C1", label="median")
+    a2.set(xlabel="unfrozen units", ylabel="training time (s)", title="Training time by depth")
+    a2.legend(loc="upper left", fontsize=8)
+    for ax in (a1, a2):
+        ax.set_xticks(sorted(done.unfrozen.unique()))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _importances(study) -> dict[str, float]:

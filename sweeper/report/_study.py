@@ -1,12 +1,15 @@
-"""A study's report: its table per depth and recommendation, from what MLflow recorded.
+"""A study's report: per depth, the mean validation accuracy over its repeats with a 95%
+interval, and the recommendation by the rule of :mod:`sweeper.decision`, from what MLflow
+recorded.
 
-The report is written as ``report.md`` plus PNG plots under
+The report is written as ``report.md``, ``depths.csv`` and PNG plots under
 ``<paths.studies>/<study>/report/`` and logged as artifacts (``report/``) of the study's
-parent MLflow run; the terminal shows the table and the recommendation.
-
-The rule: among the depths with at least one complete trial, take the best validation
-accuracy; recommend the depth with the shortest (median) training time whose best validation
-accuracy is within ``tolerance`` points of it.
+parent MLflow run, which also gets the answer as tags (``recommended.unfrozen``,
+``recommended.lr_head``, ``recommended.lr_backbone``, ``recommended.settled``) and metrics
+(``recommended.val_acc_mean``, ``recommended.val_acc_ci_low``, ``recommended.val_acc_ci_high``,
+``recommended.train_time_s``, ``recommended.test_acc``, ``recommended.repeats``); the terminal
+shows the table and the recommendation. The rule, its tolerance and confidence are the
+study's (``hydra.sweeper.tolerance``, ``.confidence``, logged on its parent run).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +26,27 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from sweeper.decision import (
+    UNDECIDED,
+    WORSE,
+    Decision,
+    Measurement,
+    decide,
+)
 from sweeper.errors import UserError
 from sweeper.report._plots import plots
 from sweeper.storage import open_storage
 from sweeper.tracking import Kind, Param, State, Tag, Tracker, command_overrides, train_command
 
 log = logging.getLogger("sweeper.report")
+
+# The columns that key the per-depth table (and a trial's arm); a freeze strategy joins them.
+ARM = ["unfrozen"]
+# Parent-run params of a study: the rule it was run with (hydra.sweeper.tolerance, .confidence).
+RULE_TOLERANCE = "rule.tolerance"
+RULE_CONFIDENCE = "rule.confidence"
+# The searched values a depth's trials differ in, when the parent run does not name them.
+SETTING = [str(Param.LR_HEAD), str(Param.LR_BACKBONE)]
 
 
 @dataclass
@@ -39,6 +59,7 @@ class Report:
     explanation: str
     notes: list[str] = field(default_factory=list)
     folder: Path | None = None
+    decision: Decision | None = None
 
 
 # --- gathering --------------------------------------------------------------------------------
@@ -65,12 +86,32 @@ def find_parent(tracker: Tracker, study: str | None = None, parent_run: str | No
     return runs[0]
 
 
-def trial_frame(tracker: Tracker, parent_run_id: str) -> pd.DataFrame:
-    """One row per child run of the study: its depth, learning rates, state and metrics."""
+def setting_keys(parent_params: dict[str, str]) -> list[str]:
+    """The searched values a depth's trials differ in (its learning rates, ...): the study's
+    ``search.*`` params other than the depth, fixed values and repeat keys."""
+    keys = [k.removeprefix("search.") for k, v in parent_params.items()
+            if k.startswith("search.") and not v.startswith(("fixed", "repeat key"))]
+    keys = [k for k in keys if k.lstrip("+~") != Param.UNFROZEN]
+    return sorted(keys) or SETTING
+
+
+def _value(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def trial_frame(tracker: Tracker, parent_run_id: str,
+                setting: Sequence[str] = SETTING) -> pd.DataFrame:
+    """One row per child run of the study: its depth, setting (learning rates), repeat key
+    (seed, split), state and metrics."""
     runs = tracker.client.search_runs(
         [tracker.experiment_id], f"tags.`{Tag.PARENT}` = '{parent_run_id}'", max_results=50000)
     rows = []
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r.info.start_time):
         p, m, t = r.data.params, r.data.metrics, r.data.tags
         if not p:  # a trial that failed before its config was logged: no depth to count it at
             continue
@@ -79,14 +120,21 @@ def trial_frame(tracker: Tracker, parent_run_id: str) -> pd.DataFrame:
             "run_id": r.info.run_id, "state": t.get(Tag.STATE) or State.of_status(r.info.status),
             "unfrozen": int(p[Param.UNFROZEN]), "num_units": int(p[Param.NUM_UNITS]),
             "lr_head": float(p[Param.LR_HEAD]), "lr_backbone": float(p[Param.LR_BACKBONE]),
+            "seed": int(p.get(Param.SEED, 0)), "split_seed": int(p.get(Param.SPLIT_SEED, 0)),
+            "setting": tuple((k, _value(p.get(k))) for k in setting),
             "val_acc": m.get("val_acc", math.nan), "test_acc": m.get("test_acc", math.nan),
             "train_time_s": m.get("train_time_s", math.nan),
             "trainable_params": m.get("trainable_params", math.nan),
+            "val_images": m.get("val_images", math.nan),
             "command": _train_command(t.get(Tag.RERUN_COMMAND, ""), p),
         })
     columns = ["trial", "run_id", "state", "unfrozen", "num_units", "lr_head", "lr_backbone",
-               "val_acc", "test_acc", "train_time_s", "trainable_params", "command"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["unfrozen", "trial"], na_position="last")
+               "seed", "split_seed", "setting", "val_acc", "test_acc", "train_time_s",
+               "trainable_params", "val_images", "command"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["order"] = range(len(frame))  # start order: the trial number where there is none
+    frame.loc[frame.trial.notna(), "order"] = frame.trial[frame.trial.notna()]
+    return frame.sort_values(["unfrozen", "order"], na_position="last")
 
 
 def _train_command(logged: str, params: dict[str, str]) -> str:
@@ -97,57 +145,151 @@ def _train_command(logged: str, params: dict[str, str]) -> str:
     return train_command([*keep, *(f"{k}={v}" for k, v in chosen.items())])
 
 
-def depth_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per depth: best trial's accuracies and learning rates, median time, counts."""
-    rows = []
+def measurements(trials: pd.DataFrame) -> list[Measurement]:
+    """The trials as the rule sees them: arm, setting, repeat key, val_acc when complete."""
+    out = []
+    for _, t in trials.iterrows():
+        if t.state not in (State.COMPLETE, State.PRUNED, State.FAILED):
+            continue
+        done = t.state == State.COMPLETE and not math.isnan(t.val_acc)
+        images = None if math.isnan(t.val_images) else int(t.val_images)
+        out.append(Measurement(int(t.unfrozen), t.setting, (int(t.seed), int(t.split_seed)),
+                               float(t.val_acc) if done else None, images, int(t.order)))
+    return out
+
+
+def _arm_trials(trials: pd.DataFrame, decision: Decision, arm: int) -> pd.DataFrame:
+    """The complete trials that are ``arm``'s measurements (its setting, one per key)."""
+    s = decision.arms[arm]
+    mine = trials[(trials.unfrozen == arm) & (trials.state == State.COMPLETE)]
+    mine = mine[mine.setting.apply(lambda x: x == s.setting)]
+    return mine.drop_duplicates(subset=["seed", "split_seed"])
+
+
+def test_trials(trials: pd.DataFrame, decision: Decision) -> list[str]:
+    """The runs whose test accuracy the report shows: every measurement of the recommended
+    depth (its test accuracy is their mean) and each other depth's best trial."""
+    runs: list[str] = []
+    for arm in decision.arms:
+        mine = _arm_trials(trials, decision, arm)
+        if arm == decision.recommended:
+            runs += list(mine.run_id)
+        elif len(mine):
+            runs.append(mine.loc[mine.val_acc.idxmax()].run_id)
+    return runs
+
+
+def depth_table(trials: pd.DataFrame, decision: Decision) -> pd.DataFrame:
+    """One row per depth: its setting, repeats, mean val acc with its interval, difference to
+    the reference with its bounds, status, test acc, median time, counts."""
     complete = trials[trials.state == State.COMPLETE]
     full = complete[complete.unfrozen == complete.num_units]
     full_time = full.train_time_s.median() if len(full) else math.nan
+    rows = []
     for depth, group in trials.groupby("unfrozen"):
         done = group[group.state == State.COMPLETE]
-        row = {"unfrozen": depth, "trials": len(group),
-               "pruned": int((group.state == State.PRUNED).sum()),
-               "failed": int((group.state == State.FAILED).sum())}
-        if len(done):
-            best = done.loc[done.val_acc.idxmax()]
+        row: dict[str, Any] = {"unfrozen": depth, "trials": len(group),
+                               "pruned": int((group.state == State.PRUNED).sum()),
+                               "failed": int((group.state == State.FAILED).sum())}
+        s = decision.arms.get(int(depth))
+        if s is not None and s.n:
+            mine = _arm_trials(trials, decision, int(depth))
+            first = mine.iloc[0]
             time = done.train_time_s.median()
-            row.update(best_val_acc=best.val_acc, test_acc=best.test_acc, lr_head=best.lr_head,
-                       lr_backbone=best.lr_backbone if depth > 0 else math.nan,
-                       train_time_s=time, speedup_vs_full=full_time / time,
-                       trainable_params=best.trainable_params, run_id=best.run_id,
-                       command=best.command)
+            row.update(
+                lr_head=first.lr_head, lr_backbone=first.lr_backbone if depth > 0 else math.nan,
+                repeats=s.n, val_acc=s.interval.mean, val_acc_low=s.interval.low,
+                val_acc_high=s.interval.high, interval=s.interval.kind,
+                diff=s.diff.mean if s.diff else 0.0,
+                diff_low=s.diff.low if s.diff else math.nan,
+                diff_high=s.diff.high if s.diff else math.nan,
+                status=s.status, more=s.more if s.more is not None else math.nan,
+                test_acc=mine.test_acc.mean(), train_time_s=time,
+                speedup_vs_full=full_time / time, trainable_params=first.trainable_params,
+                run_id=mine.loc[mine.val_acc.idxmax()].run_id, command=first.command)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def recommend(table: pd.DataFrame, tolerance: float) -> tuple[dict | None, str]:
-    """The fastest depth within ``tolerance`` accuracy points of the best, and why."""
-    done = table.dropna(subset=["best_val_acc"]) if "best_val_acc" in table else table.iloc[:0]
-    if done.empty:
+# --- the recommendation ---------------------------------------------------------------------
+
+def _pts(x: float) -> str:
+    return f"{x * 100:+.1f}"
+
+
+def _lrs(row: dict[str, Any]) -> str:
+    return f"lr_head={row['lr_head']:.3g}" + (
+        f", lr_backbone={row['lr_backbone']:.3g}" if row["unfrozen"] > 0 else "")
+
+
+def _interval(row: dict[str, Any], confidence: float) -> str:
+    kind = ("over " + ("1 trial (val-set sampling only)" if row["repeats"] == 1 else
+                       f"{int(row['repeats'])} seeds and data splits"))
+    return (f"{row['val_acc']:.3f} ({confidence:.0%} CI {row['val_acc_low']:.3f}–"
+            f"{row['val_acc_high']:.3f} {kind})")
+
+
+def recommend(table: pd.DataFrame, decision: Decision) -> tuple[dict | None, str]:
+    """The recommended depth's row with the answer's numbers, and the plain-words why."""
+    if decision.recommended is None or table.empty or "status" not in table:
         return None, "No trial completed, so there is nothing to recommend yet."
-    best = done.best_val_acc.max()
-    close = done[done.best_val_acc >= best - tolerance / 100]
-    pick = close.loc[close.train_time_s.idxmin()].to_dict()
-    best_row = done.loc[done.best_val_acc.idxmax()]
+    rows = {int(r.unfrozen): r.to_dict() for _, r in table.iterrows() if isinstance(r.status, str)}
+    pick, ref = rows[decision.recommended], rows[decision.reference]
+    tol, conf = decision.tolerance, decision.confidence
     depth = int(pick["unfrozen"])
-    lrs = f"lr_head={pick['lr_head']:.3g}" + (
-        f", lr_backbone={pick['lr_backbone']:.3g}" if depth > 0 else "")
-    text = f"Unfreeze the last {depth} units ({lrs}). "
-    if int(best_row.unfrozen) == depth:
-        text += (f"It was the most accurate depth measured ({best:.1%} validation accuracy) and "
-                 f"no faster depth came within {tolerance:g} accuracy points of it; it trains "
-                 f"in {pick['train_time_s']:.1f} s")
-    else:
-        text += (f"The most accurate depth measured was unfrozen={int(best_row.unfrozen)} with "
-                 f"{best:.1%} validation accuracy in {best_row.train_time_s:.1f} s; "
-                 f"unfrozen={depth} reaches {pick['best_val_acc']:.1%}, within {tolerance:g} "
-                 f"accuracy points of it, in {pick['train_time_s']:.1f} s")
+    text = (f"Unfreeze the last {depth} units ({_lrs(pick)}): validation accuracy "
+            f"{_interval(pick, conf)}, {pick['train_time_s']:.1f} s of training")
     if not math.isnan(pick.get("speedup_vs_full", math.nan)):
         text += f" ({pick['speedup_vs_full']:.1f}x faster than fine-tuning every unit)"
-    text += (". The rule picks the fastest depth whose accuracy is that close to the best: "
-             "unfreezing more units would cost training time without a measurable gain on "
-             "this data, unfreezing fewer would cost accuracy.")
-    return pick, text
+    text += ". "
+    if decision.recommended == decision.reference:
+        text += "It has the best mean validation accuracy of all depths. "
+    else:
+        d = decision.arms[depth].diff
+        how = "paired by seed and split" if d.kind == "paired" else {
+            "welch": "unpaired (Welch)", "binomial": "from single trials"}.get(d.kind, d.kind)
+        text += (f"The best mean is depth {decision.reference}'s ({ref['val_acc']:.3f}); "
+                 f"with {conf:.0%} confidence depth {depth} is at most "
+                 f"{-d.low * 100:.1f} points below it ({how}: {_pts(d.mean)} points, bounds "
+                 f"{_pts(d.low)} and {_pts(d.high)}), within the {tol:g}-point tolerance. ")
+    cheaper = [rows[a] for a in rows if a < depth]
+    worse = [r for r in cheaper if r["status"] == WORSE]
+    if worse:
+        text += (f"With {conf:.0%} confidence every one of these cheaper depths is more than "
+                 f"{tol:g} point{'s' if tol != 1 else ''} below the best: " + ", ".join(
+                     f"{int(r['unfrozen'])} ({_pts(r['diff'])})" for r in worse) + ". ")
+    if decision.settled:
+        text += "The answer is settled: no cheaper depth is undecided."
+    else:
+        text += undecided_text(decision, rows)
+    return {**pick, "settled": decision.settled}, text
+
+
+def undecided_text(decision: Decision, rows: dict[int, dict[str, Any]], detail: int = 3) -> str:
+    """What the data cannot tell apart yet, and how many more repeats would settle it (the
+    ``detail`` cheapest undecided depths in words, the rest by number)."""
+    tol, conf = decision.tolerance, decision.confidence
+    points = f"{tol:g} point{'s' if tol != 1 else ''}"
+    parts = []
+    for arm in decision.undecided[:detail]:
+        s = decision.arms.get(arm)
+        if arm not in rows or s is None or s.status != UNDECIDED:
+            parts.append(f"depth {arm} has no complete trial")
+            continue
+        if s.more is None:
+            more = "more repeats would settle it"
+        elif s.more > 200:
+            more = "more than 200 repeats: its difference sits on the tolerance"
+        else:
+            more = f"about {s.more} more repeats of depths {arm} and {decision.reference} would settle it"
+        parts.append(f"depth {arm} is {_pts(s.diff.mean)} points from the best (bounds "
+                     f"{_pts(s.diff.low)} and {_pts(s.diff.high)}): {more}")
+    rest = decision.undecided[detail:]
+    if rest:
+        parts.append("also " + ", ".join(map(str, rest)) + " (see the table)")
+    return (f"The data cannot yet tell whether every cheaper depth is within {points} of the "
+            f"best ({conf:.0%} confidence): " + "; ".join(parts) + ". Raise "
+            "hydra.sweeper.n_trials and run the same command again: the study resumes.")
 
 
 def _load_study(parent, storage: str | None = None) -> Any:
@@ -170,93 +312,183 @@ def _load_study(parent, storage: str | None = None) -> Any:
 
 # --- the report ---------------------------------------------------------------------------------
 
-def _markdown(r: Report, figures: list[str], tolerance: float) -> str:
-    t = r.table
+def _fmt(v: Any, f: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(v, f)
+
+
+def _markdown(r: Report, figures: list[str]) -> str:
+    t, dec = r.table, r.decision
+    tol, conf = (dec.tolerance, dec.confidence) if dec else (math.nan, math.nan)
+    states = r.trials.state
     lines = [f"# Freeze-depth report: {r.study}", "",
              f"MLflow parent run `{r.parent_run_id}`; {len(r.trials)} trials "
-             f"({int((r.trials.state == State.COMPLETE).sum())} complete, "
-             f"{int((r.trials.state == State.PRUNED).sum())} pruned, "
-             f"{int((r.trials.state == State.FAILED).sum())} failed).", "",
+             f"({int((states == State.COMPLETE).sum())} complete, "
+             f"{int((states == State.PRUNED).sum())} pruned, "
+             f"{int((states == State.FAILED).sum())} failed).", "",
              "## Recommendation", "", r.explanation, ""]
     if r.recommended:
         lines += ["Train it with:", "", "```bash", r.recommended["command"], "```", ""]
-    lines += [f"Rule: the fastest depth (median training time over its complete trials) whose "
-              f"best validation accuracy is within {tolerance:g} points of the best depth's.", "",
-              "## Per depth", "",
-              "| unfrozen | best val acc | its test acc | lr_head | lr_backbone | train time (s, median) "
-              "| speed-up vs full | trainable params | trials | pruned | failed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, f: "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)  # noqa: E731
+    lines += [
+        f"Rule: per depth, the learning rates of its best trial on the first seed and split; "
+        f"its mean validation accuracy over the repeats at those rates (other seeds and "
+        f"splits) with a {conf:.0%} t interval (one trial: a Wilson interval over the val "
+        f"images). The reference is the depth with the best mean; each depth's difference to "
+        f"it is paired by seed and split, with one-sided {conf:.0%} bounds. A depth is "
+        f"*within* when its lower bound is above −{tol:g} points, *worse* when its upper "
+        f"bound is below −{tol:g}. The recommendation is the cheapest depth within (fewer "
+        f"unfrozen units train faster); it is settled when every cheaper depth is worse.", "",
+        "## Per depth", "",
+        f"| unfrozen | lr_head | lr_backbone | repeats | val acc (mean) | {conf:.0%} CI "
+        "| vs best (points) | bounds | status | test acc | train time (s, median) "
+        "| speed-up vs full | trainable params | trials | pruned | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, row in t.iterrows():
         g = row.get
+        status = g("status") if isinstance(g("status"), str) else "–"
+        if status == UNDECIDED and not math.isnan(g("more", math.nan)):
+            status += f" (~{int(g('more'))} more)"
+        ci = (f"{_fmt(g('val_acc_low'), '.3f')}–{_fmt(g('val_acc_high'), '.3f')}"
+              if isinstance(g("status"), str) else "–")
+        bounds = (f"{_pts(g('diff_low'))} / {_pts(g('diff_high'))}"
+                  if isinstance(g("status"), str) and not math.isnan(g("diff_low", math.nan))
+                  else "–")
+        diff = _pts(g("diff")) if isinstance(g("status"), str) else "–"
         lines.append(
-            f"| {int(row.unfrozen)} | {fmt(g('best_val_acc'), '.3f')} | {fmt(g('test_acc'), '.3f')} "
-            f"| {fmt(g('lr_head'), '.3g')} | {fmt(g('lr_backbone'), '.3g')} "
-            f"| {fmt(g('train_time_s'), '.2f')} | {fmt(g('speedup_vs_full'), '.2f')} "
-            f"| {fmt(g('trainable_params'), ',.0f')} | {int(row.trials)} | {int(row.pruned)} "
+            f"| {int(row.unfrozen)} | {_fmt(g('lr_head'), '.3g')} | {_fmt(g('lr_backbone'), '.3g')} "
+            f"| {_fmt(g('repeats'), '.0f')} | {_fmt(g('val_acc'), '.3f')} | {ci} | {diff} "
+            f"| {bounds} | {status} | {_fmt(g('test_acc'), '.3f')} "
+            f"| {_fmt(g('train_time_s'), '.2f')} | {_fmt(g('speedup_vs_full'), '.2f')} "
+            f"| {_fmt(g('trainable_params'), ',.0f')} | {int(row.trials)} | {int(row.pruned)} "
             f"| {int(row.failed)} |")
     lines.append("")
     if r.notes:
-        lines += ["## What is missing", "", *[f"- {n}" for n in r.notes], ""]
-    titles = {"pareto.png": "Training time against validation accuracy",
-              "depth.png": "Accuracy and time by depth",
+        lines += ["## Notes", "", *[f"- {n}" for n in r.notes], ""]
+    titles = {"depth.png": "Accuracy and training time by depth",
+              "pareto.png": "Training time against validation accuracy",
               "importance.png": "Hyperparameter importances"}
     for p in figures:
         lines += [f"## {titles[p]}", "", f"![{titles[p]}]({p})", ""]
     return "\n".join(lines)
 
 
-def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | None = None,
-                tolerance: float = 1.0, folder: Path | None = None, *,
-                optuna_study: Any = None, storage: str | None = None) -> Report:
-    """Build, write and log the report of a study (see the module docstring for the rule).
+def rule_of(cfg: DictConfig, parent, tolerance: float | None,
+            confidence: float | None) -> tuple[float, float]:
+    """The rule's tolerance and confidence: given, else the study's (parent params), else the
+    sweep's defaults (``conf/hydra/sweeper/optuna.yaml``)."""
+    params = parent.data.params
+    if tolerance is None and RULE_TOLERANCE in params:
+        tolerance = float(params[RULE_TOLERANCE])
+    if confidence is None and RULE_CONFIDENCE in params:
+        confidence = float(params[RULE_CONFIDENCE])
+    if tolerance is None or confidence is None:
+        from sweeper.config import compose
 
-    ``optuna_study`` (or ``storage`` to load it from) gives parameter importances; without
-    them the storage named on the parent run is tried.
+        sweep = compose(return_hydra_config=True).hydra.sweeper
+        tolerance = float(sweep.tolerance) if tolerance is None else tolerance
+        confidence = float(sweep.confidence) if confidence is None else confidence
+    if not 0 < confidence < 1:
+        raise UserError(f"confidence={confidence}: give a level between 0 and 1, e.g. 0.95.")
+    return float(tolerance), float(confidence)
+
+
+def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | None = None,
+                tolerance: float | None = None, folder: Path | None = None, *,
+                optuna_study: Any = None, storage: str | None = None,
+                confidence: float | None = None) -> Report:
+    """Build, write and log the report of a study (the rule: :mod:`sweeper.decision`).
+
+    ``tolerance`` (accuracy points) and ``confidence`` default to the study's own. The answer
+    also lands on the parent run as ``recommended.*`` tags and metrics. ``optuna_study`` (or
+    ``storage`` to load it from) gives parameter importances; without them the storage named on
+    the parent run is tried.
     """
     tracker = Tracker(cfg.tracking)
     parent = find_parent(tracker, study, parent_run)
     name = parent.data.tags.get(Tag.STUDY) or parent.info.run_name
-    trials = trial_frame(tracker, parent.info.run_id)
+    tolerance, confidence = rule_of(cfg, parent, tolerance, confidence)
+    trials = trial_frame(tracker, parent.info.run_id, setting_keys(parent.data.params))
+    decision = decide(measurements(trials), tolerance, confidence)
     notes = []
     if trials.empty:
         notes.append("The study has no trials yet.")
-        table = pd.DataFrame(columns=["unfrozen", "trials", "pruned", "failed"])
+        table = pd.DataFrame(columns=[*ARM, "trials", "pruned", "failed"])
     else:
-        table = depth_table(trials)
-        num_units = int(trials.num_units.max())
-        measured = set(table.dropna(subset=["best_val_acc"]).unfrozen) if "best_val_acc" in table else set()
-        unmeasured = sorted(set(range(num_units + 1)) - measured)
-        if unmeasured:
-            notes.append(f"Depths without a complete trial: {unmeasured}.")
-        if num_units not in measured:
-            notes.append("Full fine-tuning (unfrozen=num_units) was not measured: no speed-up "
-                         "against it can be given.")
-        if (trials.state == State.PRUNED).any():
-            notes.append("Pruned trials stopped early: they count in 'trials' and 'pruned' but "
-                         "not in the accuracy or time columns.")
-        if (trials.state == State.FAILED).any():
-            notes.append("Failed trials (see their MLflow runs' `error` tag) are left out.")
-        if len(trials[trials.state == State.COMPLETE]) < 3:
-            notes.append("Fewer than 3 complete trials: the recommendation rests on little data.")
-    recommended, explanation = recommend(table, tolerance)
+        table = depth_table(trials, decision)
+        notes += _notes(trials, decision)
+    recommended, explanation = recommend(table, decision)
     if optuna_study is None:
         optuna_study = _load_study(parent, storage)
     if optuna_study is None:
         notes.append("The Optuna study was not reachable: no parameter importances.")
-    elif len(optuna_study.directions) == 1:
-        notes.append("Single-objective study: training time was recorded but not optimised.")
     folder = folder or Path(cfg.paths.studies) / name / "report"
     folder.mkdir(parents=True, exist_ok=True)
     report = Report(name, parent.info.run_id, table, trials, recommended, explanation, notes,
-                    folder)
-    written = plots(trials, folder, optuna_study) if not trials.empty else []
+                    folder, decision)
+    written = plots(trials, table, decision, folder, optuna_study) if not trials.empty else []
     if "importance.png" not in written and optuna_study is not None:
         notes.append("Too few complete trials or varied parameters for importances.")
-    (folder / "report.md").write_text(_markdown(report, written, tolerance))
-    table.to_csv(folder / "depths.csv", index=False)
+    (folder / "report.md").write_text(_markdown(report, written))
+    table.drop(columns=["command"], errors="ignore").to_csv(folder / "depths.csv", index=False)
     tracker.client.log_artifacts(parent.info.run_id, str(folder), "report")
+    _log_answer(tracker, parent.info.run_id, recommended)
     return report
+
+
+def _notes(trials: pd.DataFrame, decision: Decision) -> list[str]:
+    notes = []
+    num_units = int(trials.num_units.max())
+    measured = {a for a, s in decision.arms.items() if s.n}
+    unmeasured = sorted(set(range(num_units + 1)) - measured)
+    if unmeasured:
+        notes.append(f"Depths without a complete trial: {unmeasured}.")
+    if num_units not in measured:
+        notes.append("Full fine-tuning (unfrozen=num_units) was not measured: no speed-up "
+                     "against it can be given.")
+    pruned = int((trials.state == State.PRUNED).sum())
+    if pruned:
+        notes.append(f"{pruned} trial{'s' if pruned > 1 else ''} pruned: stopped early because "
+                     "the learning curve was clearly behind the same depth's earlier trial on "
+                     "the same seed and split; counted in 'trials' and 'pruned', not in the "
+                     "accuracy columns.")
+    if (trials.state == State.FAILED).any():
+        notes.append("Failed trials (see their MLflow runs' `error` tag) are left out.")
+    if all(s.n <= 1 for s in decision.arms.values()):
+        notes.append("Every depth was measured once at its learning rates: its interval is "
+                     "that of one accuracy over the validation images and leaves out seed and "
+                     "split noise. The default study (hydra/sweeper/sampler=depth) repeats the "
+                     "depths in contention.")
+    times = trials[trials.state == State.COMPLETE].groupby("unfrozen").train_time_s.median()
+    if len(times) > 2 and not times.is_monotonic_increasing:
+        notes.append("Measured training time does not grow with every unfrozen unit here "
+                     "(timing noise on a shared machine?); the rule ranks depths by unfrozen "
+                     "units, the table shows the measured times.")
+    return notes
+
+
+def _log_answer(tracker: Tracker, run_id: str, rec: dict[str, Any] | None) -> None:
+    """The answer on the parent run, for scripts, the MLflow UI and CI."""
+    if rec is None:
+        return
+    client = tracker.client
+    tags = {"recommended.unfrozen": int(rec["unfrozen"]),
+            "recommended.lr_head": repr(float(rec["lr_head"])),
+            "recommended.settled": str(bool(rec["settled"])).lower()}
+    if rec["unfrozen"] > 0:
+        tags["recommended.lr_backbone"] = repr(float(rec["lr_backbone"]))
+    metrics = {"recommended.val_acc_mean": rec["val_acc"],
+               "recommended.val_acc_ci_low": rec["val_acc_low"],
+               "recommended.val_acc_ci_high": rec["val_acc_high"],
+               "recommended.train_time_s": rec["train_time_s"],
+               "recommended.test_acc": rec["test_acc"],
+               "recommended.repeats": rec["repeats"]}
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                      if v is not None and not math.isnan(float(v))],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def show(report: Report) -> None:
@@ -265,22 +497,29 @@ def show(report: Report) -> None:
     from rich.table import Table
 
     # Off a terminal (logs, CI) rich assumes 80 columns and would cut the table's headers.
-    console = Console() if sys.stdout.isatty() else Console(width=140)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    conf = report.decision.confidence if report.decision else 0.95
     table = Table(title=f"Study {report.study}: one row per freeze depth")
-    cols = [("unfrozen", "d"), ("best_val_acc", ".3f"), ("test_acc", ".3f"), ("lr_head", ".3g"),
-            ("lr_backbone", ".3g"), ("train_time_s", ".2f"), ("speedup_vs_full", ".2f"),
-            ("trials", "d"), ("pruned", "d")]
-    for c, _ in cols:
+    cols = ["unfrozen", "lr_head", "lr_backbone", "repeats", "val acc",
+            f"{conf:.0%} CI", "vs best", "status", "test acc", "time (s)", "speed-up",
+            "trials", "pruned"]
+    for c in cols:
         table.add_column(c, justify="right")
     for _, row in report.table.iterrows():
-        cells = []
-        for c, f in cols:
-            v = row.get(c)
-            ok = v is not None and not (isinstance(v, float) and math.isnan(v))
-            cells.append(format(int(v) if f == "d" else v, f) if ok else "–")
+        g = row.get
+        measured = isinstance(g("status"), str)
+        status = g("status") if measured else "–"
+        if status == UNDECIDED and not math.isnan(g("more", math.nan)):
+            status += f" ~{int(g('more'))}"
+        cells = [str(int(row.unfrozen)), _fmt(g("lr_head"), ".3g"), _fmt(g("lr_backbone"), ".3g"),
+                 _fmt(g("repeats"), ".0f"), _fmt(g("val_acc"), ".3f"),
+                 f"{_fmt(g('val_acc_low'), '.3f')}–{_fmt(g('val_acc_high'), '.3f')}"
+                 if measured else "–",
+                 _pts(g("diff")) if measured else "–", status, _fmt(g("test_acc"), ".3f"),
+                 _fmt(g("train_time_s"), ".2f"), _fmt(g("speedup_vs_full"), ".2f"),
+                 str(int(row.trials)), str(int(row.pruned))]
         chosen = report.recommended and row.unfrozen == report.recommended["unfrozen"]
-        style = "bold green" if chosen else None
-        table.add_row(*cells, style=style)
+        table.add_row(*cells, style="bold green" if chosen else None)
     console.print(table)
     console.print(f"[bold]Recommendation:[/bold] {report.explanation}")
     if report.recommended:
@@ -288,3 +527,4 @@ def show(report: Report) -> None:
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"Report: {report.folder / 'report.md'}")
+

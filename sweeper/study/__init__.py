@@ -9,8 +9,12 @@
   heartbeat, failure and loss: ``_trials``);
 - :class:`CheckBeforeWork`, a Hydra callback, checks the config (:mod:`sweeper.validate`)
   and the study's settings (:func:`check_settings`) before Hydra creates a folder;
-- the settings: :func:`check_settings`, :func:`default_settings`, :func:`settings_in`, :func:`make_sampler`,
-  :func:`make_pruner` (``_settings``) and the search space, :func:`parse_space` (``_space``);
+- the settings: :func:`check_settings`, :func:`default_settings`, :func:`settings_in`,
+  :func:`search` (the space a sweep samples), :func:`make_sampler`, :func:`make_pruner`
+  (``_settings``) and the search space's grammar, :func:`parse_space` (``_space``);
+- the default study's :class:`DepthSampler` (every depth, a learning-rate search in each,
+  repeats of the depths in contention, by the rule of :mod:`sweeper.decision`) and
+  :class:`DepthPruner` (``_depth``);
 - the MLflow side (a parent run per study, a child run per trial, the Pareto table) is
   ``_mlflow``; the live table or log lines, ``_progress``.
 
@@ -23,18 +27,22 @@ Example::
     print(result.parent_run_id, result.pareto)
 """
 
+from sweeper.study._depth import DepthPruner, DepthSampler
 from sweeper.study._hydra import CheckBeforeWork, HydraSweeper
 from sweeper.study._job import hydra_trial, run_job
 from sweeper.study._runner import StudyResult, StudyRunner, optimize
 from sweeper.study._settings import (
+    Search,
     check_settings,
     default_settings,
     make_pruner,
     make_sampler,
+    search,
     settings_in,
 )
 from sweeper.study._space import Space, parse_space
 
-__all__ = ["CheckBeforeWork", "HydraSweeper", "Space", "StudyResult", "StudyRunner",
-           "check_settings", "default_settings", "hydra_trial", "make_pruner", "make_sampler",
-           "optimize", "parse_space", "run_job", "settings_in"]
+__all__ = ["CheckBeforeWork", "DepthPruner", "DepthSampler", "HydraSweeper", "Search", "Space",
+           "StudyResult", "StudyRunner", "check_settings", "default_settings", "hydra_trial",
+           "make_pruner", "make_sampler", "optimize", "parse_space", "run_job", "search",
+           "settings_in"]

@@ -87,7 +87,8 @@ def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any
     finally:
         heartbeat.close()
     trial.set_user_attr("mlflow_run_id", result["run_id"])
-    for key in ("test_acc", "best_val_acc", "time_per_epoch_s", "trainable_params"):
+    for key in ("test_acc", "best_val_acc", "train_time_s", "time_per_epoch_s",
+                "trainable_params", "val_images"):
         if key in result:
             trial.set_user_attr(key, result[key])
     values = [float(result[o]) for o in objectives]

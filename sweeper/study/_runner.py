@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper.config import task_config
 from sweeper.errors import Interrupted, UserError
-from sweeper.report import make_report, show
+from sweeper.report import RULE_CONFIDENCE, RULE_TOLERANCE, make_report, show
 from sweeper.storage import StudyLock, is_url, journal_path, open_storage, storage_label
 from sweeper.study import _trials
 from sweeper.study._job import run_job
@@ -36,9 +36,9 @@ from sweeper.study._settings import (
     make_pruner,
     make_sampler,
     one_at_a_time,
+    search,
     settings_in,
 )
-from sweeper.study._space import parse_space
 from sweeper.tracking import Run, State, Tracker, config_params
 from sweeper.validate import check_config
 
@@ -84,24 +84,9 @@ class StudyRunner:
         self.storage_spec = str(settings.storage)
         if not is_url(self.storage_spec):
             self.storage_spec = str(journal_path(self.storage_spec))
-        self.space = parse_space(settings.params or {}, settings.get("conditions") or {}, arguments)
-        self.n_trials = int(settings.n_trials)
+        found = search(settings, cfg, arguments)
+        self.space, self.n_trials, self.search = found.space, found.n_trials, found
         self.n_jobs = max(1, int(settings.n_jobs))
-        sampler_cfg = settings.get("sampler")
-        self.grid: dict[str, list[Any]] | None = None
-        if sampler_cfg is not None and str(sampler_cfg._target_).endswith("GridSampler"):
-            self.grid, skipped = self.space.grid()
-            if skipped:
-                log.info("grid sampler: %s not searched (continuous); they keep the config's "
-                         "values", ", ".join(skipped))
-            self.space = self.space.restrict(list(self.grid))
-            self.space.conditions.clear()
-            size = 1
-            for values in self.grid.values():
-                size *= len(values)
-            if size != self.n_trials:
-                log.info("grid sampler: n_trials=%d, the size of the grid", size)
-            self.n_trials = size
         self._check_pruning(settings)
         self.lock = StudyLock(self.storage_spec, self.name)
         with self.lock():  # two sweeps on a new database would both create Optuna's tables
@@ -109,6 +94,7 @@ class StudyRunner:
         self.tracker = Tracker(cfg.tracking)
         self._stop = threading.Event()
         self._stop_reason: str | None = None
+        self._settled_reason: str | None = None
         self._mine: set[int] = set()  # trial ids this process is running
         self._mine_lock = threading.Lock()
         self.study = self._open_study()
@@ -121,6 +107,14 @@ class StudyRunner:
     def _check_pruning(self, settings: DictConfig) -> None:
         pruner = settings.get("pruner")
         if pruner is None or pruner.get("_target_") is None:
+            return
+        if self.objectives != {"val_acc": "maximize"} and str(pruner._target_).endswith(
+                "DepthPruner") and "val_acc" in self.objectives:
+            # The default pruner with a second objective (accuracy_time): Optuna takes no
+            # per-epoch values in a multi-objective study, so trials run to the end.
+            log.info("objectives %s: no pruning (Optuna prunes single-objective studies only)",
+                     ", ".join(self.objectives))
+            settings.pruner = {"_target_": None}
             return
         if self.objectives != {"val_acc": "maximize"}:
             raise UserError(
@@ -160,7 +154,7 @@ class StudyRunner:
             # Sweeps joining a study draw other random numbers than the first, or TPE's
             # random start-up trials would repeat the first sweep's.
             study.sampler = make_sampler(self.s.get("sampler"), seed_offset=1000 * joins,
-                                                 grid=self.grid)
+                                         search=self.search)
             self.parent = self._parent(study)
         return study
 
@@ -184,7 +178,12 @@ class StudyRunner:
             "directions": ", ".join(self.objectives.values()),
             "sampler": describe(sampler),
             "pruner": describe(pruner),
+            RULE_TOLERANCE: float(self.s.tolerance),
+            RULE_CONFIDENCE: float(self.s.confidence),
         })
+        for key in (sampler.get("repeat_keys") or ()) if sampler is not None else ():
+            if key in self.space.sampled:  # the depth sampler's: one higher per repeat
+                params[f"search.{key}"] = f"repeat key: {self.search.start.get(key)} + repeat"
         searched = set(self.space.sampled) | {k.lstrip("+~") for k in self.space.sampled}
         params.update({f"config.{k}": v for k, v in config_params(self.cfg).items()
                        if k not in searched})
@@ -201,6 +200,9 @@ class StudyRunner:
         log.info("study %s: %d trials in total, %d at a time here; storage %s; MLflow parent "
                  "run %s", self.name, self.n_trials, self.n_jobs, self.storage_label,
                  self.parent.run_id)
+        if hasattr(self.study.sampler, "budget"):
+            log.info("%s: %s", type(self.study.sampler).__name__,
+                     self.study.sampler.budget(self.n_trials))
         self.progress = Progress(self.study, self.names, self.n_trials, progress)
         try:
             with self.progress:
@@ -247,6 +249,8 @@ class StudyRunner:
             trials = self.study.get_trials(deepcopy=False)
             if sum(_trials.counts_toward_total(t) for t in trials) >= self.n_trials:
                 return None
+            if self._settled() is not None:
+                return None
             trial = self.study.ask()
             overrides = self.space.suggest(trial, lambda key: OmegaConf.select(self.cfg, key))
             self.storage.set_trial_system_attr(trial._trial_id, _trials.WORKER,
@@ -255,6 +259,19 @@ class StudyRunner:
                 self._mine.add(trial._trial_id)
             self.heartbeat.add(trial._trial_id)
             return self.storage.get_trial(trial._trial_id), overrides
+
+    def _settled(self) -> str | None:
+        """Why the sampler needs no more trials before n_trials (the depth sampler, once the
+        answer is settled), or None."""
+        done = getattr(self.study.sampler, "done", None)
+        if done is None or self.study.get_trials(deepcopy=False,
+                                                  states=(TrialState.WAITING,)):
+            return None  # a queued retry runs first
+        reason = done(self.study)
+        if reason and self._settled_reason is None:
+            self._settled_reason = reason
+            log.info("study %s: %s; no more trials needed", self.name, reason)
+        return reason
 
     def _run_trial(self, trial: FrozenTrial, overrides: list[str]) -> None:
         self.progress.started(trial.number, overrides)
@@ -370,7 +387,7 @@ class StudyRunner:
             trials = self.study.get_trials(deepcopy=False)
             counted = sum(_trials.counts_toward_total(t) for t in trials)
             open_ = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-            complete = counted >= self.n_trials and not open_
+            complete = (counted >= self.n_trials or self._settled() is not None) and not open_
             rows = summarize(self.parent, self.study, self.names)
             if self._stop_reason is not None:
                 self.parent.tags({"error": self._stop_reason[:5000]})
@@ -391,7 +408,9 @@ class StudyRunner:
         """The study's report (table, plots, recommendation), as ``python -m sweeper.report``
         would make it; a report that cannot be made does not fail the finished study."""
         try:
-            show(make_report(self.cfg, parent_run=self.parent.run_id, optuna_study=self.study))
+            show(make_report(self.cfg, parent_run=self.parent.run_id, optuna_study=self.study,
+                             tolerance=float(self.s.tolerance),
+                             confidence=float(self.s.confidence)))
         except Exception as e:  # noqa: BLE001 - the study's results are already recorded
             log.warning("No report for study %s (%s); try: python -m sweeper.report "
                         "parent_run=%s", self.name, e, self.parent.run_id)

@@ -8,11 +8,14 @@ sampler and pruner it names here.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,6 +23,7 @@ from sweeper.config import compose
 from sweeper.errors import UserError
 from sweeper.model import check_backbone
 from sweeper.storage import StudyLock, open_storage
+from sweeper.study._depth import with_repeats
 from sweeper.study._space import Space, parse_space
 from sweeper.validate import Rule, rule_for
 
@@ -56,8 +60,6 @@ def one_at_a_time(settings: DictConfig, why: str) -> None:
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` with ``key=value`` overrides applied (values only, not config-group choices)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     out = cfg.copy()
     OmegaConf.set_struct(out, False)
     for o in OverridesParser.create().parse_overrides(list(overrides)):
@@ -66,19 +68,86 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return out
 
 
+@dataclass
+class Search:
+    """What a sweep samples: the space (adjusted to its sampler), the grid sampler's grid, the
+    study's total of trials, and the config's value of each key (the depth sampler starts
+    there)."""
+
+    space: Space
+    grid: dict[str, list[Any]] | None
+    n_trials: int
+    start: dict[str, Any]
+
+
+def _kind(sampler: DictConfig | None) -> str:
+    target = str(sampler.get("_target_")) if sampler is not None else ""
+    return "grid" if target.endswith("GridSampler") else (
+        "depth" if target.endswith("DepthSampler") else "other")
+
+
+def search(settings: DictConfig, cfg: DictConfig, arguments: Sequence[str] = ()) -> Search:
+    """The search of the (resolved) ``hydra.sweeper`` node ``settings`` for task config ``cfg``.
+
+    The grid sampler covers every combination of the discrete parameters (continuous ones keep
+    the config's values; ``n_trials`` becomes the grid's size); the depth sampler adds its
+    repeat keys (``trainer.seed``, ``dataset.split_seed``) to the space.
+    """
+    space = parse_space(settings.params or {}, settings.get("conditions") or {}, arguments)
+    n_trials = int(settings.n_trials)
+    sampler = settings.get("sampler")
+    grid = None
+    if _kind(sampler) == "grid":
+        grid, skipped = space.grid()
+        if skipped:
+            log.info("grid sampler: %s not searched (continuous); they keep the config's "
+                     "values", ", ".join(skipped))
+        space = space.restrict(list(grid))
+        space.conditions.clear()
+        size = math.prod(len(v) for v in grid.values())
+        if size != n_trials:
+            log.info("grid sampler: n_trials=%d, the size of the grid", size)
+        n_trials = size
+    fixed = dict(space.fixed)
+
+    def value(key: str) -> Any:
+        if key in fixed:
+            return OverridesParser.create().parse_override(f"{key}={fixed[key]}").value()
+        return OmegaConf.select(cfg, key)
+
+    if _kind(sampler) == "depth":
+        space = with_repeats(space, list(sampler.get("repeat_keys") or ()),
+                             OmegaConf.select(cfg, "freeze.unfrozen"))
+    start = {k: value(k) for k in [*space.sampled, *space.fixed]}
+    return Search(space, grid, n_trials, start)
+
+
 def make_sampler(cfg: DictConfig | None, *, seed_offset: int = 0,
-                 grid: Mapping[str, list[Any]] | None = None) -> optuna.samplers.BaseSampler:
-    """The sampler of ``hydra.sweeper.sampler`` (``_target_`` and its arguments)."""
+                 search: Search | None = None) -> optuna.samplers.BaseSampler:
+    """The sampler of ``hydra.sweeper.sampler`` (``_target_`` and its arguments).
+
+    ``seed_offset`` moves the seed of a sweep that joins a study (not the depth sampler's: its
+    plan depends on the study's trials only); ``search`` gives the grid sampler its grid and
+    the depth sampler its space and the config's values.
+    """
     if cfg is None:
         return optuna.samplers.TPESampler()
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     target = str(kwargs.pop("_target_"))
-    if kwargs.get("seed") is not None:
+    kind = _kind(cfg)
+    if kwargs.get("seed") is not None and kind != "depth":
         kwargs["seed"] = int(kwargs["seed"]) + seed_offset
-    if target.endswith("GridSampler"):
-        kwargs["search_space"] = dict(grid or {})
+    if kind == "grid":
+        kwargs["search_space"] = dict(search.grid or {}) if search else {}
+    if kind == "depth":
+        if search is None:
+            raise UserError("the depth sampler needs the search space: build it with "
+                            "sweeper.study.search(settings, cfg)")
+        kwargs.update(space=dict(search.space.sampled), start=dict(search.start))
     try:
         return instantiate({"_target_": target, **kwargs}, _convert_="all")
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - unknown class or argument: the user's config
         raise UserError(f"hydra.sweeper.sampler ({target}) cannot be built: {e}") from None
 
@@ -147,7 +216,7 @@ def check_settings(settings: DictConfig, cfg: DictConfig, arguments: Sequence[st
         if value is not None:  # None: a ~key deletion
             _check_searched(cfg, key, [_value(value)], f"{key}={value}", per_trial)
     if not _is_grid(settings):  # a grid sampler is built from the space, by the runner
-        make_sampler(settings.get("sampler"))
+        make_sampler(settings.get("sampler"), search=search(settings, cfg, arguments))
     make_pruner(settings.get("pruner"))
     if storage:
         spec = str(settings.storage)
