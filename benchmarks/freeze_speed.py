@@ -53,7 +53,7 @@ from sweeper.config import compose, task_config
 from sweeper.device import as_input, autocast, place_model, resolve_device
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import resolve_weights
-from sweeper.study import make_sampler, parse_space, settings_in
+from sweeper.study import make_sampler, search, settings_in
 from sweeper.tracking import Param, Tag, Tracker
 from sweeper.train import fit, make_optimizer, peak_memory_mb, reset_peak_memory
 from sweeper.trial import adapt_batchnorm, log_inputs, run_trial, seed_everything
@@ -193,7 +193,7 @@ def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
                  "peak_memory_mb": peak_mb})
     run.end()
     return {"val_acc": val_acc, "test_acc": test_acc, "train_time_s": sum(times),
-            "peak_memory_mb": peak_mb}
+            "peak_memory_mb": peak_mb, "val_images": len(data.val)}
 
 
 # --- ours ----------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def worker(kind: str, overrides: list[str], opts: argparse.Namespace) -> None:
         result = naive_trial(cfg, opts) if kind == "naive" else run_trial(cfg)
         print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
                           "val_acc": result["val_acc"], "train_time_s": result["train_time_s"],
-                          "test_acc": result["test_acc"],
+                          "test_acc": result["test_acc"], "val_images": result.get("val_images"),
                           "train_steps_s": result.get("train_steps_s", result["train_time_s"]),
                           "peak_memory_mb": result["peak_memory_mb"],
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
@@ -310,12 +310,15 @@ class Workers:
             sys.exit(f"benchmark {kind} worker died (exit {self.procs[kind].wait()})")
         return json.loads(line)
 
-    def trial(self, overrides: list[str]) -> dict[str, dict]:
+    def trial(self, overrides: list[str], per_kind: dict[str, list[str]] | None = None
+              ) -> dict[str, dict]:
+        """Run a trial in both processes (``per_kind``: other overrides for one of them)."""
         results = {}
         kinds = ("naive", "ours") if self.count % 2 == 0 else ("ours", "naive")
         self.count += 1
         for kind in kinds:
-            self.procs[kind].stdin.write(json.dumps(overrides) + "\n")
+            mine = (per_kind or {}).get(kind, overrides)
+            self.procs[kind].stdin.write(json.dumps(mine) + "\n")
             self.procs[kind].stdin.flush()
             res = results[kind] = self._answer(kind)
             self.out[kind]["wall_s"] += res["wall_s"]
@@ -324,9 +327,11 @@ class Workers:
             self.out[kind]["val_acc"].append(res["val_acc"])
             self.out[kind]["peak_rss_mb"] = res["peak_rss_mb"]
             self.out[kind]["peak_memory_mb"] = max(self.out[kind]["peak_memory_mb"], res["peak_memory_mb"])
+        shown = overrides if not per_kind else [
+            f"{k}: {' '.join(v)}" for k, v in per_kind.items()]
         print(f"  trial {self.count - 1:>2}: naive {results['naive']['wall_s']:6.1f} s, "
               f"ours {results['ours']['wall_s']:6.1f} s, val {results['naive']['val_acc']:.3f} / "
-              f"{results['ours']['val_acc']:.3f}  {' '.join(overrides)}", flush=True)
+              f"{results['ours']['val_acc']:.3f}  {' '.join(shown)}", flush=True)
         return results
 
     def close(self) -> dict[str, dict]:
@@ -339,21 +344,27 @@ class Workers:
 def default_study(workers: Workers, base: list[str], n_trials: int | None) -> list[list[str]]:
     """The study ``python -m sweeper.run -m`` runs (its search space, conditions, sampler and
     objectives from conf/hydra/sweeper), asked and told here; ours' results are told to the
-    sampler and naive runs the very same trials. Returns the trials' overrides."""
+    sampler and naive runs the very same trials (to the end: no pruning in this replay).
+    Returns the trials' overrides."""
     full = compose(overrides=base, return_hydra_config=True)
     task = task_config(full)
     settings = settings_in(task, full.hydra.sweeper)
     OmegaConf.resolve(settings)
-    space = parse_space(settings.params, settings.get("conditions") or {})
+    found = search(settings, task)
     objectives = {str(k): str(v) for k, v in settings.objectives.items()}
     study = optuna.create_study(directions=list(objectives.values()),
-                                sampler=make_sampler(settings.get("sampler")))
+                                sampler=make_sampler(settings.get("sampler"), search=found))
+    study.set_metric_names(list(objectives))
+    done = getattr(study.sampler, "done", None)  # the depth sampler stops once settled
     trials = []
-    for _ in range(n_trials or int(settings.n_trials)):
+    for _ in range(n_trials or found.n_trials):
+        if done is not None and done(study):
+            break
         trial = study.ask()
-        overrides = space.suggest(trial, lambda key: OmegaConf.select(task, key))
+        overrides = found.space.suggest(trial, lambda key: OmegaConf.select(task, key))
         trials.append(overrides)
         ours = workers.trial(overrides)["ours"]
+        trial.set_user_attr("val_images", ours["val_images"])
         study.tell(trial, [ours[name] for name in objectives])
     return trials
 
