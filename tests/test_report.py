@@ -45,7 +45,8 @@ def test_report_table_intervals_plots_recommendation_and_answer(make_cfg, mlflow
         assert row.val_acc_low <= row.val_acc <= row.val_acc_high
     rec = report.recommended
     assert rec["status"] in ("within", "reference")
-    assert "95% CI" in report.explanation and f"Unfreeze the last {rec['unfrozen']} units" in report.explanation
+    assert "95% CI" in report.explanation
+    assert f"Unfreeze the last {rec['unfrozen']} units" in report.explanation
     assert "freeze.unfrozen=" in rec["command"]
     folder = outputs / "studies" / "s1" / "report"
     for f in ("report.md", "pareto.png", "depth.png", "depths.csv"):
