@@ -7,11 +7,12 @@ import math
 
 import optuna
 import pytest
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from sweeper.config import compose, task_config
 from sweeper.decision import REFERENCE, WITHIN
-from sweeper.study import DepthPruner, DepthSampler, parse_space
-from sweeper.study._depth import spread, with_repeats  # noqa: PLC2701 - the plan's parts
+from sweeper.study import DepthPruner, DepthSampler, search, settings_in
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -21,11 +22,12 @@ START = {"freeze.unfrozen": 2, "optim.lr_head": 0.05, "optim.lr_backbone": 0.005
 
 
 def space(high: int = 9):
-    s = parse_space({"freeze.unfrozen": f"int(interval(0, {high}))",
-                     "optim.lr_head": "tag(log, interval(1e-3, 3e-1))",
-                     "optim.lr_backbone": "tag(log, interval(1e-4, 1e-1))"},
-                    {"optim.lr_backbone": "freeze.unfrozen > 0"})
-    return with_repeats(s, ["trainer.seed", "dataset.split_seed"], 2)
+    """The default study's space (conf/hydra/sweeper), over depths 0..high."""
+    cfg = compose(return_hydra_config=True)
+    task = task_config(cfg)
+    settings = settings_in(task, cfg.hydra.sweeper)
+    OmegaConf.resolve(settings)
+    return search(settings, task, [f"freeze.unfrozen=int(interval(0, {high}))"]).space
 
 
 def accuracy(depth: int, lr_backbone: float, seed: int) -> float:
@@ -72,7 +74,7 @@ def test_every_depth_then_a_learning_rate_search_then_paired_repeats():
     study, sampler = run_study(30)
     ps = params(study)
     # round 1: every depth once, at the config's learning rates, on the config's seed and split
-    assert [p["freeze.unfrozen"] for p in ps[:10]] == spread(range(10)) == [0, 9, 4, 2, 6, 1, 3, 5, 7, 8]
+    assert [p["freeze.unfrozen"] for p in ps[:10]] == [0, 9, 4, 2, 6, 1, 3, 5, 7, 8]  # spread
     assert all(p["optim.lr_head"] == 0.05 and p["trainer.seed"] == 0 and p["dataset.split_seed"] == 0
                for p in ps[:10])
     assert all(("optim.lr_backbone" in p) == (p["freeze.unfrozen"] > 0) for p in ps)
