@@ -90,12 +90,13 @@ def spread(depths: Sequence[int]) -> list[int]:
     return out
 
 
-def depth_subset(low: int, high: int, max_depths: int) -> list[int]:
-    """Every depth from ``low`` to ``high``, or ``max_depths`` of them evenly spread (both ends
+def depth_subset(depths: Sequence[int], max_depths: int) -> list[int]:
+    """Every one of ``depths`` (sorted), or ``max_depths`` of them evenly spread (both ends
     included) when there are more."""
-    if high - low + 1 <= max_depths:
-        return list(range(low, high + 1))
-    return sorted({int(round(x)) for x in np.linspace(low, high, max_depths)})
+    depths = sorted(depths)
+    if len(depths) <= max_depths:
+        return depths
+    return sorted({depths[int(round(i))] for i in np.linspace(0, len(depths) - 1, max_depths)})
 
 
 def with_repeats(space: Space, repeat_keys: Sequence[str], depth: Any) -> Space:
@@ -172,7 +173,7 @@ class DepthSampler(BaseSampler):
         self.repeat_keys = tuple(repeat_keys)
         dist = space[depth_param]
         self.all_depths = list(range(dist.low, dist.high + 1, dist.step))
-        self.depths = depth_subset(dist.low, dist.high, int(max_depths))
+        self.depths = depth_subset(self.all_depths, int(max_depths))
         self.setting_params = [k for k in space if k != depth_param and k not in self.repeat_keys]
         self._plans: dict[int, Plan] = {}
         self._ahead: tuple[tuple, Plan | None] | None = None
@@ -267,13 +268,19 @@ class DepthSampler(BaseSampler):
                 t.user_attrs.get("val_images"), t.number))
         return decide(ms, self.tolerance, self.confidence)
 
-    def _next(self, study: optuna.Study, exclude: int | None) -> Plan | None:
-        trials = [t for t in study.get_trials(deepcopy=False) if t.number != exclude]
-        taken: dict[int, list[dict[str, Any]]] = {}  # depth -> params of its trials, any state
+    def _taken(self, trials: Sequence[FrozenTrial]) -> dict[int, list[dict[str, Any]]]:
+        """Per depth, the parameters of its trials in any state (running and queued ones too:
+        another worker's trial is taken)."""
+        taken: dict[int, list[dict[str, Any]]] = {}
         for t in trials:
             params = trial_params(t)
             if self.depth_param in params:
                 taken.setdefault(int(params[self.depth_param]), []).append(params)
+        return taken
+
+    def _next(self, study: optuna.Study, exclude: int | None) -> Plan | None:
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number != exclude]
+        taken = self._taken(trials)
         search = {d: [p for p in ps if self._repeat_of(p) == 0] for d, ps in taken.items()}
         decision = self._decide(trials, _val_index(study))
         in_play = sorted(set(self.depths) | set(taken))
@@ -323,11 +330,7 @@ class DepthSampler(BaseSampler):
     def _extra(self, study: optuna.Study, exclude: int) -> Plan:
         trials = [t for t in study.get_trials(deepcopy=False) if t.number != exclude]
         decision = self._decide(trials, _val_index(study))
-        taken: dict[int, list[dict[str, Any]]] = {}
-        for t in trials:
-            p = trial_params(t)
-            if self.depth_param in p:
-                taken.setdefault(int(p[self.depth_param]), []).append(p)
+        taken = self._taken(trials)
         d = decision.recommended if decision.recommended is not None else self.depths[0]
         return self._repeat(d, decision, taken, f"settled; another repeat of depth {d}")
 
@@ -437,10 +440,10 @@ class DepthSampler(BaseSampler):
             return None
         c = min(live)
         below = [d for d in measured if d < c]
-        lo = max(below) if below else None
-        if lo is None or c - lo < 2:
+        if not below:
             return None
-        return (lo + c) // 2
+        between = [d for d in self.all_depths if max(below) < d < c]
+        return between[len(between) // 2] if between else None
 
     def _repeat(self, d: int, decision: Decision, taken: Mapping[int, list[dict[str, Any]]],
                 why: str) -> Plan:
