@@ -114,9 +114,12 @@ class Progress:
                                    for k, v in t.params.items()))
         return table
 
-    def started(self, number: int, overrides: Sequence[str]) -> None:
+    def started(self, number: int, overrides: Sequence[str], why: str | None = None) -> None:
+        """A trial began; ``why`` is the sampler's reason, when it gives one (the depth
+        sampler's ``plan``)."""
         if self.mode == "log":
-            log.info("trial %d started: %s", number, " ".join(overrides))
+            log.info("trial %d started%s: %s", number, f" ({why})" if why else "",
+                     " ".join(overrides))
 
     def finished(self, trial: FrozenTrial) -> None:
         if self.mode == "none":

@@ -25,6 +25,7 @@ from sweeper.errors import Interrupted, UserError
 from sweeper.report import RULE_CONFIDENCE, RULE_TOLERANCE, make_report, show
 from sweeper.storage import StudyLock, is_url, journal_path, open_storage, storage_label
 from sweeper.study import _trials
+from sweeper.study._depth import PLAN
 from sweeper.study._job import run_job
 from sweeper.study._mlflow import fail_trial_runs, reopen, start_parent, summarize
 from sweeper.study._progress import Progress
@@ -274,7 +275,7 @@ class StudyRunner:
         return reason
 
     def _run_trial(self, trial: FrozenTrial, overrides: list[str]) -> None:
-        self.progress.started(trial.number, overrides)
+        self.progress.started(trial.number, overrides, trial.user_attrs.get(PLAN))
         error: BaseException | None = None
         try:
             self.launch(trial.number, overrides)
