@@ -34,6 +34,11 @@ except ModuleNotFoundError:  # a checkout on PYTHONPATH, not installed: its conf
 # inclusive range of depths (conf/experiment/yosinski.yaml).
 OmegaConf.register_new_resolver("minus", lambda a, b: int(a) - int(b), replace=True)
 OmegaConf.register_new_resolver("plus", lambda a, b: int(a) + int(b), replace=True)
+# The default study's total (conf/hydra/sweeper/optuna.yaml: n_trials): lr_trials learning-rate
+# trials for every depth 0..num_units (at most max_depths of them), plus the repeats.
+OmegaConf.register_new_resolver(
+    "study_budget", lambda num_units, lr_trials, repeats, max_depths:
+    min(int(num_units) + 1, int(max_depths)) * int(lr_trials) + int(repeats), replace=True)
 
 
 def compose(name: str = "config", overrides: Sequence[str] = (), *,
