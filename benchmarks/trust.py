@@ -1,6 +1,7 @@
 """Time to a trustworthy answer: the default study against the grid one writes by hand.
 
     .venv/bin/python -m benchmarks.trust [--repeats R] [--study-only] [OVERRIDE ...]
+    (e.g. paths.pretrained=outputs/pretrained to reuse a source checkpoint already made)
 
 study: ``python -m sweeper.run -m`` on a fresh outputs folder (the source checkpoint is
        pretrained beforehand, for every approach): the whole command's wall time, startup and
@@ -137,7 +138,10 @@ def main() -> None:
     outputs = Path(compose(overrides=args.overrides).paths.outputs).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="trust-", dir=outputs))
-    base = [*args.overrides, f"paths.pretrained={work}/pretrained"]
+    # The source checkpoint in the work folder, unless given (paths.pretrained=FOLDER reuses
+    # one already made: pretraining is not what is compared).
+    given = any(o.startswith("paths.pretrained=") for o in args.overrides)
+    base = [*args.overrides, *([] if given else [f"paths.pretrained={work}/pretrained"])]
     cfg = compose(overrides=[*base, f"paths.outputs={work}/pre"])
     resolve_weights(cfg)  # the source checkpoint once, for every approach: not timed
     print(f"{cfg.backbone.name}, {cfg.dataset.name} {cfg.dataset.image_size}px, "
