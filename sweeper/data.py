@@ -476,7 +476,9 @@ def load(cfg: DictConfig) -> Data:
         chunks.append((src.train, _at_most(picks, cfg.train_per_class)))
         chunks.append((src.val, _at_most(_per_class(src.val.labels, classes, gen),
                                          cfg.val_per_class)))
-    if src.test is not None:
+    if src.test is not None and src.test is src.val:  # no test folder or rows: val again
+        chunks.append((src.val, _at_most(chunks[-1][1], cfg.test_per_class)))
+    elif src.test is not None:
         # The source's own test set does not move with split_seed (that splits train from val):
         # every split is tested on the same images, and their frozen-prefix outputs are cached
         # once.
