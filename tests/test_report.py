@@ -43,6 +43,14 @@ def test_report_table_intervals_plots_recommendation_and_answer(make_cfg, mlflow
     assert table.loc[4, "repeats"] == (3 if best_lr == 0.05 else 1)
     for _, row in table.iterrows():
         assert row.val_acc_low <= row.val_acc <= row.val_acc_high
+    # the trials that need a test accuracy: every measurement behind the table's intervals
+    from sweeper.report import tested_runs  # imported here: pytest would collect test*-names
+
+    tested = report.trials[report.trials.run_id.isin(tested_runs(report.trials))]
+    assert sorted(tested.unfrozen.value_counts().items()) == \
+        [(d, int(table.loc[d, "repeats"])) for d in (0, 4, 9)]
+    assert all((tested[tested.unfrozen == d].lr_head == table.loc[d, "lr_head"]).all()
+               for d in (0, 4, 9))
     rec = report.recommended
     assert rec["status"] in ("within", "reference")
     assert "95% CI" in report.explanation

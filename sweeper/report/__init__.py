@@ -4,7 +4,7 @@
   :data:`ARM`), its intervals, plots and recommendation by the rule of :mod:`sweeper.decision`
   (``_study``; its plots, ``_plots``), written under ``paths.studies`` and logged on the
   study's parent run with the answer as ``recommended.*`` tags and metrics; every finished
-  study makes one. :func:`test_trials` names the runs whose test accuracy it shows; the
+  study makes one. :func:`tested_runs` names the runs whose test accuracy it shows; the
   study's parent run records the rule as :data:`RULE_TOLERANCE` and :data:`RULE_CONFIDENCE`;
 - :func:`make_design_report`: a designed experiment's figure and table, such as Yosinski et
   al.'s (``_design``), under ``paths.experiments``;
@@ -26,8 +26,8 @@ from sweeper.report._study import (
     Report,
     make_report,
     show,
-    test_trials,
+    tested_runs,
 )
 
 __all__ = ["ARM", "RULE_CONFIDENCE", "RULE_TOLERANCE", "Report", "make_design_report",
-           "make_report", "show", "test_trials"]
+           "make_report", "show", "tested_runs"]

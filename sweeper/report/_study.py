@@ -166,17 +166,20 @@ def _arm_trials(trials: pd.DataFrame, decision: Decision, arm: int) -> pd.DataFr
     return mine.drop_duplicates(subset=["seed", "split_seed"])
 
 
-def test_trials(trials: pd.DataFrame, decision: Decision) -> list[str]:
-    """The runs whose test accuracy the report shows: every measurement of the recommended
-    depth (its test accuracy is their mean) and each other depth's best trial."""
-    runs: list[str] = []
-    for arm in decision.arms:
-        mine = _arm_trials(trials, decision, arm)
-        if arm == decision.recommended:
-            runs += list(mine.run_id)
-        elif len(mine):
-            runs.append(mine.loc[mine.val_acc.idxmax()].run_id)
-    return runs
+def tested_runs(trials: pd.DataFrame) -> list[str]:
+    """The runs whose test accuracy the report shows: every depth's measurements under the
+    rule (its complete trials at its chosen learning rates, one per seed and split). A
+    depth's test accuracy in the table is their mean, ``recommended.test_acc`` the
+    recommended depth's.
+
+    The one place that decides which trials of a study need a test accuracy. It does not
+    depend on the rule's tolerance or confidence (a report made again with other ones finds
+    the test accuracies it shows), and a trial it leaves out is never needed later: a depth's
+    learning rates change only to those of a better trial on the first seed and split, and
+    its repeats run at the rates it has.
+    """
+    decision = decide(measurements(trials))
+    return [run for arm in decision.arms for run in _arm_trials(trials, decision, arm).run_id]
 
 
 def depth_table(trials: pd.DataFrame, decision: Decision) -> pd.DataFrame:
