@@ -20,7 +20,7 @@ def _api(port: int, path: str, body: dict | None = None) -> dict:
 
 
 def test_mlflow_server_shows_study_trials_metrics_and_report(make_cfg, outputs):
-    cfg, parent_id = _study(make_cfg, [0, 9], name="ui")
+    cfg, parent_id = _study(make_cfg, [(0, 0.05, 0), (9, 0.05, 0)], name="ui")
     make_report(cfg)
     with servers.mlflow_server(outputs.parent / "server",
                                backend_store_uri=f"sqlite:///{outputs}/mlflow.db") as server:
