@@ -16,11 +16,12 @@ with the file's name (``fail``).
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -429,6 +430,11 @@ def _at_most(picks: list[torch.Tensor], count) -> list[torch.Tensor]:
     return picks if count is None else [p[: int(count)] for p in picks]
 
 
+# Datasets decoded in this process, by their resolved config: the trials of a study use the
+# same one, one after the other. One entry is kept.
+_LOADED: dict[str, Data] = {}
+
+
 def load(cfg: DictConfig) -> Data:
     """Load the dataset described by ``cfg`` (a ``dataset/`` config) as train/val/test splits.
 
@@ -437,8 +443,20 @@ def load(cfg: DictConfig) -> Data:
     one, drawn after train and val). ``*_per_class: null`` means all remaining images of that
     class. A folder already split (``split_folder``, a CSV with a split column) keeps its splits:
     ``*_per_class`` then takes at most that many images per class from each.
+
+    A process decodes a dataset once: the same config again gets the same tensors (never
+    change them in place).
     """
     kind = check(cfg)
+    key = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    if key not in _LOADED:
+        data = _load(cfg, kind)
+        _LOADED.clear()
+        _LOADED[key] = data
+    return replace(_LOADED[key])
+
+
+def _load(cfg: DictConfig, kind: Kind) -> Data:
     src = kind.sources(cfg)
     present = sorted(set(src.train.labels.tolist()))
     classes = list(cfg.classes) if cfg.classes is not None else present

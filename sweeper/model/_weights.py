@@ -55,12 +55,31 @@ def from_torchvision(name: str, weights: str) -> StateDict:
         ) from None
 
 
+# State dicts read in this process, by (path, mtime, size): the trials of a study load the
+# same checkpoint one after the other. A rewritten file has another key; one entry is kept.
+_FILES: dict[tuple[str, int, int], StateDict] = {}
+
+
 def from_file(path: str | os.PathLike) -> StateDict:
-    """A state dict read from ``path`` (a bare state dict or a checkpoint holding one)."""
+    """A state dict read from ``path`` (a bare state dict or a checkpoint holding one).
+
+    The tensors are shared with later calls for the same, unchanged file: load them into a
+    model (which copies them), never change them in place.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"backbone.weights={path}: no such file. Give the path of a state dict "
                         "saved with torch.save(model.state_dict(), path).")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _FILES:
+        state = _read_state(path)
+        _FILES.clear()
+        _FILES[key] = state
+    return dict(_FILES[key])
+
+
+def _read_state(path: Path) -> StateDict:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
