@@ -29,9 +29,10 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import data as data_mod
+from sweeper import timing
 from sweeper.device import place_model, resolve_device
-from sweeper.errors import cannot_write
-from sweeper.model import StateDict, build, identity, named_weights, weights_from_file
+from sweeper.errors import UserError, cannot_write
+from sweeper.model import StateDict, build, from_file, identity, named_weights, weights_from_file
 from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
 from sweeper.train import evaluate, fit
 
@@ -89,23 +90,38 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 
 def _readable(path: Path) -> bool:
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        from_file(path)  # kept in this process's memory: the trial loads it next
         return True
-    except Exception:  # noqa: BLE001 - a truncated or corrupt file is rebuilt
+    except UserError:  # a truncated or corrupt file is rebuilt
         return False
 
 
 def source_checkpoint(cfg: DictConfig) -> Path:
     """The path of the source-pretrained checkpoint for ``cfg``, pretraining it if needed."""
+    return ensure_source(cfg)[0]
+
+
+def ensure_source(cfg: DictConfig) -> tuple[Path, float]:
+    """The source-pretrained checkpoint for ``cfg``, and the seconds spent pretraining it here
+    (0 when it was already there)."""
     path = checkpoint_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):
         if path.exists() and _readable(path):
-            return path
+            return path, 0.0
         if path.exists():
             log.warning("Rebuilding unreadable source checkpoint %s", path)
-        _pretrain(cfg, path)
-    return path
+        with timing.measure() as spent:
+            _pretrain(cfg, path)
+    return path, spent.s
+
+
+def pretrain_if_needed(cfg: DictConfig) -> float:
+    """Pretrain the checkpoint that ``backbone.weights=source`` asks for, unless it is there;
+    the seconds spent pretraining (0 when nothing was done)."""
+    if str(cfg.backbone.weights) != "source":
+        return 0.0
+    return ensure_source(cfg)[1]
 
 
 def _pretrain(cfg: DictConfig, path: Path) -> None:

@@ -24,13 +24,23 @@ time_per_epoch_s       ``train_time_s`` / epochs
 bn_stats_time_s        re-estimating the frozen BatchNorm statistics (``freeze.bn_stats=target``)
 cache_fill_time_s      time this trial actually spent filling cache entries (0 when all were
                        found)
-cache_fill_charged_s   the recorded fill costs of the entries the trial uses (train, val, test)
+cache_fill_charged_s   the recorded fill costs of the entries the trial uses (train, val, and
+                       test when the trial evaluates it)
+overhead_per_trial_s   on a study's parent run: what its trials spent outside their training
+                       steps, their per-epoch validation and any source pretraining, plus the
+                       study's end-of-study test evaluation, per trial (:func:`overhead_per_trial`)
 =====================  ========================================================================
 
 ``run_trial`` also returns ``train_steps_s``: the sum of ``epoch_time_s``, without charges. The
 recorded fill cost of a cache entry is the measured time of computing it from the images; for
 an entry derived from a shallower one, the parent's recorded cost plus the derivation
 (:func:`fill_cost`).
+
+A trial's *overhead* is the rest of its wall time, from the moment the sweep asks Optuna for
+it to the moment its result is recorded: composing its config, building its model and feeds
+(cache fills included), tracking, telling Optuna, and its test evaluation. A study evaluates
+the test set only for the trials its report needs, once, at its end: that time is shared out
+over the trials (:func:`overhead_per_trial`).
 """
 
 from __future__ import annotations
@@ -94,6 +104,7 @@ class TrialTime:
     bn_stats_s: float | None = None  # re-estimating frozen BatchNorm statistics; None: not done
     train_copy_s: float = 0.0  # copying the train rows to the GPU once (0 on the CPU)
     val_copy_s: float = 0.0  # ... the val rows
+    pretrain_s: float = 0.0  # source pretraining this run had to do first (once per checkpoint)
     steps_s: list[float] = field(default_factory=list)  # each epoch's training steps
     eval_s: list[float] = field(default_factory=list)  # each epoch's val evaluation
 
@@ -117,6 +128,13 @@ class TrialTime:
     def time_per_epoch_s(self) -> float:
         return self.train_time_s / len(self.steps_s)
 
+    @property
+    def training_s(self) -> float:
+        """What a trial's overhead leaves out: its training steps, its per-epoch validation
+        and the source pretraining it did (without the charged fill costs: a fill this trial
+        ran is overhead, like the rest of building its feeds)."""
+        return self.train_steps_s + sum(self.eval_s) + (self.bn_stats_s or 0.0) + self.pretrain_s
+
     def totals(self) -> dict[str, float]:
         """The final time metrics of the run (see the table above)."""
         return {"train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
@@ -126,3 +144,15 @@ class TrialTime:
         """What the cache cost this run, spent and charged."""
         return {"cache_fill_time_s": self.filled_s,
                 "cache_fill_charged_s": self.train_fill_s + self.val_fill_s + self.test_fill_s}
+
+
+def trial_overhead(wall_s: float, training_s: float) -> float:
+    """A trial's overhead: its wall time in the sweep (asked to recorded) less the
+    :attr:`TrialTime.training_s` its job measured."""
+    return max(wall_s - training_s, 0.0)
+
+
+def overhead_per_trial(overheads: list[float], tested_s: float = 0.0) -> float:
+    """``overhead_per_trial_s`` of a study: the trials' :func:`trial_overhead`, plus
+    ``tested_s`` (the study's end-of-study test evaluation), per trial."""
+    return (sum(overheads) + tested_s) / len(overheads) if overheads else 0.0

@@ -7,6 +7,7 @@ ends in (:class:`State`) and how the command that trains a trial again is writte
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -296,21 +297,39 @@ SLURM_TAGS = {"slurm.job_id": "SLURM_JOB_ID", "slurm.array_job_id": "SLURM_ARRAY
               "slurm.array_task_id": "SLURM_ARRAY_TASK_ID"}
 
 
-def environment_tags() -> dict[str, str]:
+@functools.cache
+def _environment() -> tuple[tuple[str, str], ...]:
     tags = {f"version.{p}": _version(p) for p in PACKAGES}
     tags["version.python"] = sys.version.split()[0]
     tags.update(code_version())
+    return tuple(tags.items())
+
+
+def environment_tags() -> dict[str, str]:
+    """Package versions and the code's version (read once per process: a study's trials run
+    the code the process started with), and the Slurm job the run is part of."""
+    tags = dict(_environment())
     tags.update({tag: os.environ[var] for tag, var in SLURM_TAGS.items() if os.environ.get(var)})
     return tags
 
 
 class Tracker:
-    """An MLflow experiment in a tracking store, from a ``tracking/`` config."""
+    """An MLflow experiment in a tracking store, from a ``tracking/`` config.
+
+    The experiment is looked up (or created) once per process and store: the trials of a
+    study share it.
+    """
+
+    _experiments: dict[tuple[str, str, str | None], str] = {}
 
     def __init__(self, tracking: DictConfig) -> None:
         self.uri = absolute_uri(str(tracking.uri))
         self.client = open_store(self.uri)
-        self.experiment_id = self._experiment(str(tracking.experiment), tracking.artifact_location)
+        location = tracking.get("artifact_location")
+        key = (self.uri, str(tracking.experiment), None if location is None else str(location))
+        if key not in Tracker._experiments:
+            Tracker._experiments[key] = self._experiment(str(tracking.experiment), location)
+        self.experiment_id = Tracker._experiments[key]
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -323,34 +342,65 @@ class Tracker:
             return self.client.get_experiment_by_name(name).experiment_id
 
     def start(self, name: str, tags: Mapping[str, str] | None = None,
-              parent_run_id: str | None = None) -> Run:
+              parent_run_id: str | None = None, flush_every_s: float = 0.0) -> Run:
+        """A new run (see :class:`Run` for ``flush_every_s``)."""
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             tags[Tag.PARENT.value] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return Run(self.client, run.info.run_id)
+        return Run(self.client, run.info.run_id, flush_every_s)
+
+
+# MLflow's limits for one log_batch call
+_BATCH = {"params": 100, "tags": 100, "metrics": 1000}
 
 
 class Run:
-    """One MLflow run, written through the client (several may be open in one process)."""
+    """One MLflow run, written through the client (several may be open in one process).
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    With ``flush_every_s=0`` every call is written at once. With ``flush_every_s > 0`` params,
+    tags and metrics are kept and written together, in one transaction, by the first call
+    that comes ``flush_every_s`` or more after the last write, by :meth:`flush`, and by
+    :meth:`end` before the run ends: a trial of many short epochs writes a few batches
+    instead of one transaction per call, a long epoch's metrics still appear when it ends,
+    and a run always ends with everything written. (A process killed outright loses what was
+    kept, at most ``flush_every_s`` of it; its run is failed as lost anyway.)
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_every_s: float = 0.0) -> None:
         self.client = client
         self.run_id = run_id
+        self.flush_every_s = flush_every_s
+        self._pending: dict[str, list] = {"params": [], "tags": [], "metrics": []}
+        self._last_write = time.monotonic()
 
     def params(self, params: Mapping[str, Any]) -> None:
         named = {param_name(k): str(v)[:6000] for k, v in params.items()}
-        items = [MlflowParam(k, v) for k, v in named.items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit for params
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self._add("params", [MlflowParam(k, v) for k, v in named.items()])
 
     def tags(self, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+        self._add("tags", [RunTag(str(k), str(v)) for k, v in tags.items()])
 
     def metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self._add("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def _add(self, kind: str, items: list) -> None:
+        self._pending[kind].extend(items)
+        if time.monotonic() - self._last_write >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything kept, in as few ``log_batch`` calls as MLflow's limits allow."""
+        pending = self._pending
+        # A tag set twice before a write: the last value (one batch may not hold both).
+        pending["tags"] = list({t.key: t for t in pending["tags"]}.values())
+        while any(pending.values()):
+            batch = {kind: items[:_BATCH[kind]] for kind, items in pending.items()}
+            self.client.log_batch(self.run_id, **batch)
+            for kind in pending:
+                del pending[kind][:_BATCH[kind]]
+        self._last_write = time.monotonic()
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -363,13 +413,15 @@ class Run:
         self.client.log_text(self.run_id, text, name)
 
     def end(self, status: str = "FINISHED", error: BaseException | str | None = None) -> None:
-        """End the run with MLflow ``status``; ``error`` (an exception or a reason) is tagged."""
+        """End the run with MLflow ``status``; ``error`` (an exception or a reason) is tagged.
+        Everything kept is written first."""
         if error is not None:
             reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
-            self.tags({Tag.ERROR: reason[:5000]})
+            self._pending["tags"].append(RunTag(Tag.ERROR, reason[:5000]))
+        self.flush()
         self.client.set_terminated(self.run_id, status=status)
 
     def finish(self, state: State, error: BaseException | str | None = None) -> None:
         """End a trial's run in ``state``: its ``state`` tag and the matching MLflow status."""
-        self.tags({Tag.STATE: state})
+        self._pending["tags"].append(RunTag(Tag.STATE, str(state)))
         self.end(state.status, error)

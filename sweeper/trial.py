@@ -1,4 +1,9 @@
-"""One trial, end to end: config -> data -> model -> training -> metrics, in one MLflow run."""
+"""One trial, end to end: config -> data -> model -> training -> metrics, in one MLflow run.
+
+:func:`run_trial` trains and evaluates one configuration. Inside a study it may leave its test
+evaluation to later: it keeps its trained part (:mod:`sweeper.states`) and :func:`evaluate_kept`
+evaluates it when the study ends, for the trials the report needs.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from sweeper import feeds, timing
 from sweeper.device import as_input, configure, gather, place_model, resolve_device
 from sweeper.errors import Interrupted
 from sweeper.model import FreezeNet, build
-from sweeper.pretrain import pretrain_run_id, resolve_weights
+from sweeper.pretrain import pretrain_if_needed, pretrain_run_id, resolve_weights
+from sweeper.states import StateStore
 from sweeper.tracking import (
     Kind,
     Run,
@@ -73,25 +79,39 @@ def _hydra_context() -> tuple[list[str], list[str], Path | None]:
     return list(hc.overrides.task), flags, folder
 
 
+# A trial's run writes its params, tags and metrics in batches at most this often (one
+# transaction each), not one transaction per call: see sweeper.tracking.Run.
+FLUSH_EVERY_S = 1.0
+
+
 def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None,
-              on_epoch: Callable[[EpochStats], None] | None = None) -> dict[str, Any]:
+              on_epoch: Callable[[EpochStats], None] | None = None,
+              time: timing.TrialTime | None = None,
+              keep: StateStore | None = None) -> dict[str, Any]:
     """Train and evaluate one freeze depth as described by ``cfg``; log it as one MLflow run.
 
     Returns the objectives (``val_acc``, ``train_time_s``) and the other final metrics, plus
     ``run_id``. ``on_epoch`` sees every epoch's stats and may raise ``optuna.TrialPruned`` to
     stop the trial, which ends the run KILLED and tagged ``state=pruned``; any other exception
-    ends it FAILED with the reason in tag ``error``.
+    ends it FAILED with the reason in tag ``error``. ``time`` collects the trial's times as
+    they are measured (so a caller sees them even when the trial stops early).
+
+    With ``keep``, the trial does not evaluate its test split: it keeps its trained part in
+    that store under its MLflow run id instead, and the result has no ``test_acc`` (a study
+    evaluates the test set of the trials its report needs when it ends, :func:`evaluate_kept`).
     """
     check_config(cfg)  # again: a config composed in code did not pass Hydra's callback
     device = resolve_device(str(cfg.trainer.device))
     overrides, flags, hydra_dir = _hydra_context()
     run = Tracker(cfg.tracking).start(
         f"{cfg.backbone.name}-{cfg.dataset.name}-unfrozen{int(cfg.freeze.unfrozen)}",
-        tags={Tag.KIND: Kind.TRIAL, **(tags or {})}, parent_run_id=parent_run_id)
+        tags={Tag.KIND: Kind.TRIAL, **(tags or {}), **input_tags(overrides, flags)},
+        parent_run_id=parent_run_id, flush_every_s=FLUSH_EVERY_S)
+    time = time if time is not None else timing.TrialTime()
     try:
-        log_inputs(run, cfg, overrides, hydra_dir, flags)
-        result = _train_and_test(cfg, run, device, on_epoch)
+        log_inputs(run, cfg, overrides, hydra_dir, flags, tagged=True)
+        result = _train_and_test(cfg, run, device, on_epoch, time, keep)
     except BaseException as e:
         run.finish(_ended_by(e), "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else e)
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
@@ -99,13 +119,15 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
                               "run the same command again to train it.") from None
         raise
     run.finish(State.COMPLETE)
-    log.info("val_acc %.4f  test_acc %.4f  train_time_s %.2f  (MLflow run %s)",
-             result["val_acc"], result["test_acc"], result["train_time_s"], run.run_id)
+    test = f"test_acc {result['test_acc']:.4f}" if "test_acc" in result else "test set later"
+    log.info("val_acc %.4f  %s  train_time_s %.2f  (MLflow run %s)",
+             result["val_acc"], test, result["train_time_s"], run.run_id)
     return {**result, "run_id": run.run_id}
 
 
 def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
-                    on_epoch: Callable[[EpochStats], None] | None) -> dict[str, Any]:
+                    on_epoch: Callable[[EpochStats], None] | None, time: timing.TrialTime,
+                    keep: StateStore | None) -> dict[str, Any]:
     """The trial's steps, in data-flow order, each logged to ``run`` as soon as it is known."""
     seed_everything(cfg.trainer, device)
     reset_peak_memory(device)
@@ -113,17 +135,20 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
     if data.skipped:  # dataset.on_bad_image=skip: how many, and which, on the run
         run.metrics({"skipped_images": len(data.skipped)})
         run.text("\n".join(data.skipped) + "\n", "skipped_images.txt")
-    model = _model(cfg, run, len(data.classes), device)
+    time.pretrain_s = pretrain_if_needed(cfg)
+    model, origin = build_model(cfg, len(data.classes), device)
+    run.tags(_origin_tags(origin))
     trainable, frozen = model.count_parameters()
     params = {"trainable_params": trainable, "frozen_params": frozen, "val_images": len(data.val)}
     run.metrics(params)
+    run.flush()  # what the trial is, in MLflow before the (maybe long) fills and epochs
     bn_s = adapt_batchnorm(model, data, _bn_stats(cfg), device, int(cfg.trainer.batch_size))
     if bn_s is not None:
         run.metrics({"bn_stats_time_s": bn_s})
     # Frozen-prefix outputs computed once (or found) here; the trial is charged their cost.
     fed = feeds.for_trial(model, data, cfg.get("cache"), data_mod.augment(cfg.get("augment")),
-                          device, bool(cfg.trainer.amp))
-    time = fed.time()
+                          device, bool(cfg.trainer.amp), test=keep is None)
+    fed.charge(time)
     time.bn_stats_s = bn_s
     run.tags(fed.tags())
     cache_metrics = {**fed.metrics(), **time.cache_metrics()}
@@ -136,24 +161,58 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
 
     result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=fed,
                  time=time)
-    test_acc = evaluate(model, fed.test, data.normalize.to(device), device,
-                        int(cfg.trainer.batch_size) * 4, bool(cfg.trainer.amp))
-    final = {"val_acc": result.val_acc, "best_val_acc": result.best_val_acc, "test_acc": test_acc,
-             **time.totals(), "peak_memory_mb": peak_memory_mb(device)}
+    final = {"val_acc": result.val_acc, "best_val_acc": result.best_val_acc}
+    if keep is None:
+        final["test_acc"] = evaluate(model, fed.test, data.normalize.to(device), device,
+                                     _eval_batch(cfg), bool(cfg.trainer.amp))
+    else:
+        keep.save(run.run_id, model, cfg, fed.frozen_digests)
+    final.update({**time.totals(), "peak_memory_mb": peak_memory_mb(device)})
     run.metrics(final, step=len(result.epochs))
     return {**final, **cache_metrics, **params, "train_steps_s": time.train_steps_s}
 
 
-def _model(cfg: DictConfig, run: Run, num_classes: int, device: torch.device) -> FreezeNet:
-    """The trial's model on ``device``, its weights' origin tagged on ``run``."""
+def _eval_batch(cfg: DictConfig) -> int:
+    """The batch size of test evaluation (the same whenever it runs: same numbers)."""
+    return int(cfg.trainer.batch_size) * 4
+
+
+def build_model(cfg: DictConfig, num_classes: int,
+                device: torch.device) -> tuple[FreezeNet, str]:
+    """The trial's model on ``device`` as ``cfg`` describes it before training, and the origin
+    of its weights (tag ``weights``). The same config always gives the same model."""
     state, origin = resolve_weights(cfg)
-    run.tags({Tag.WEIGHTS: origin})
-    if pretrained_by := pretrain_run_id(origin):
-        run.tags({Tag.PRETRAIN_RUN_ID: pretrained_by})
     torch.manual_seed(int(cfg.trainer.seed))  # same head init whatever pretraining consumed
     model, _ = build(cfg.backbone, num_classes, int(cfg.freeze.unfrozen), state, origin,
                      transferred=cfg.freeze.get("transferred"))
-    return place_model(model, device)
+    return place_model(model, device), origin
+
+
+def _origin_tags(origin: str) -> dict[str, str]:
+    tags = {Tag.WEIGHTS: origin}
+    if pretrained_by := pretrain_run_id(origin):
+        tags[Tag.PRETRAIN_RUN_ID] = pretrained_by
+    return tags
+
+
+def evaluate_kept(key: str, store: StateStore, tracker: Tracker) -> float:
+    """Test accuracy of the trial kept as ``key`` in ``store`` (its MLflow run id), logged on
+    its run as ``test_acc``, as :func:`run_trial` would have measured it at its end.
+
+    The model is rebuilt from the kept config (same pretrained weights, same frozen units,
+    checked) and given the kept trained part; the test split is fed as the trial would have
+    fed it (the frozen-prefix cache at its cut, shared with the study's other trials).
+    """
+    cfg = store.config(key)
+    device = resolve_device(str(cfg.trainer.device))
+    data = data_mod.load(cfg.dataset)
+    model, _ = build_model(cfg, len(data.classes), device)
+    store.load(key, model)
+    test = feeds.test_feed(model, data, cfg.get("cache"), device, bool(cfg.trainer.amp))
+    test_acc = evaluate(model, test, data.normalize.to(device), device, _eval_batch(cfg),
+                        bool(cfg.trainer.amp))
+    Run(tracker.client, key).metrics({"test_acc": test_acc}, step=int(cfg.trainer.epochs))
+    return test_acc
 
 
 def _ended_by(error: BaseException) -> State:
@@ -189,17 +248,24 @@ def adapt_batchnorm(model: FreezeNet, data: data_mod.Data, bn_stats: str, device
     return spent.s
 
 
-def log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path | None,
-               flags: list[str] = ()) -> None:
-    """What it takes to understand and re-run the trial: config, overrides (and the flags that
-    found a user's config folders), code, versions."""
-    run.params(config_params(cfg))
-    run.tags({
+def input_tags(overrides: list[str], flags: list[str] = ()) -> dict[str, str]:
+    """The tags that say how the trial came to be: overrides (and the flags that found a
+    user's config folders), command, code, versions."""
+    return {
         **environment_tags(),
         Tag.OVERRIDES: " ".join(overrides),
         Tag.COMMAND: command_line(),
         Tag.RERUN_COMMAND: train_command([*flags, *overrides]),
-    })
+    }
+
+
+def log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path | None,
+               flags: list[str] = (), tagged: bool = False) -> None:
+    """What it takes to understand and re-run the trial: config, overrides, code, versions
+    (``tagged``: the run was started with :func:`input_tags` already)."""
+    run.params(config_params(cfg))
+    if not tagged:
+        run.tags(input_tags(overrides, flags))
     run.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     if hydra_dir is not None and hydra_dir.is_dir():
         run.artifact(hydra_dir, ".hydra")

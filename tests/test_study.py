@@ -190,3 +190,28 @@ def test_plugin_found_from_another_directory(tmp_path):
             "print([p.__module__ + '.' + p.__name__ for p in Plugins.instance().discover(Sweeper)])")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert "hydra_plugins.sweeper_optuna.OptunaSweeper" in r.stdout, r.stderr
+
+
+def test_a_study_tests_the_trials_its_report_shows_at_its_end(outputs, mlflow_client):
+    from sweeper.report import make_report, tested_runs, trial_frame
+    from sweeper.states import StateStore
+    from sweeper.study import optimize
+    from sweeper.tracking import Tracker
+
+    cfg = tiny_cfg(outputs)
+    result = optimize(cfg, {"n_trials": 6, "study_name": "tested"}, progress="none",
+                      arguments=["freeze.unfrozen=0,9"])
+    trials = trial_frame(Tracker(cfg.tracking), result.parent_run_id)
+    shown = set(tested_runs(trials))  # the best trial of each depth
+    assert len(shown) == 2 and len(trials) == 6
+    # test_acc lands on exactly those runs; the other trials' kept parts are gone
+    assert set(trials[trials.test_acc.notna()].run_id) == shown
+    assert set(StateStore.for_study(cfg.paths, "tested").run_ids()) == shown
+    report = make_report(cfg, parent_run=result.parent_run_id)
+    assert report.table.test_acc.notna().all()
+    for row in result.pareto:
+        assert (row["test_acc"] is not None) == (row["mlflow_run_id"] in shown)
+    # the study's overhead per trial, on its parent run
+    parent = mlflow_client.get_run(result.parent_run_id)
+    assert parent.data.metrics["overhead_per_trial_s"] > 0
+    assert parent.data.metrics["test_eval_time_s"] > 0

@@ -11,6 +11,7 @@ statistics either way.
 
 - :func:`for_trial`: a trial's train, val and test feeds, by ``cache.mode`` (``_policy``;
   ``CACHE_MODES`` and ``CACHE_DTYPES`` are the values ``cache.mode`` and ``cache.dtype`` take);
+  :func:`test_feed`: the test split alone, for an evaluation after the trial;
 - :func:`prefix_outputs`: one split's outputs at a cut, found or filled (``_fill``: derived
   from the deepest shallower entry where there is one);
 - :class:`Prefix`, :func:`unit_digest`, :func:`split_digest`: what keys an entry (``_keys``);
@@ -29,7 +30,7 @@ from sweeper.feeds._fill import prefix_outputs
 from sweeper.feeds._keys import Prefix, split_digest, unit_digest
 from sweeper.feeds._memory import MEMORY
 from sweeper.feeds._policy import MODES as CACHE_MODES
-from sweeper.feeds._policy import check_cache, for_trial
+from sweeper.feeds._policy import check_cache, for_trial, test_feed
 
 __all__ = ["CACHE_DTYPES", "CACHE_MODES", "MEMORY", "Feed", "Feeds", "Prefix", "check_cache",
-           "for_trial", "image_feed", "prefix_outputs", "split_digest", "unit_digest"]
+           "for_trial", "image_feed", "prefix_outputs", "split_digest", "test_feed", "unit_digest"]

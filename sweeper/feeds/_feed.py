@@ -68,25 +68,39 @@ class Feed:
 
 @dataclass
 class Feeds:
+    """A trial's splits as the loop consumes them; ``test`` is None when the trial leaves its
+    test evaluation to later (a study evaluates only the trials its report needs)."""
+
     train: Feed
     val: Feed
-    test: Feed
+    test: Feed | None
     filled_s: float = 0.0  # time this trial actually spent filling entries
     device_budget_mb: float | None = None  # cache.device_budget_mb: None = sweeper.device's rule
+    frozen_digests: list[str] | None = None  # unit_digest of each frozen unit, when computed
+
+    def _feeds(self) -> list[Feed]:
+        return [f for f in (self.train, self.val, self.test) if f is not None]
 
     def time(self) -> timing.TrialTime:
         """A trial's time, charged the recorded fill costs of these feeds' entries."""
-        return timing.TrialTime(train_fill_s=self.train.fill_time_s,
-                                val_fill_s=self.val.fill_time_s,
-                                test_fill_s=self.test.fill_time_s, filled_s=self.filled_s)
+        return self.charge(timing.TrialTime())
+
+    def charge(self, time: timing.TrialTime) -> timing.TrialTime:
+        """``time`` charged the recorded fill costs of these feeds' entries (and returned)."""
+        time.train_fill_s = self.train.fill_time_s
+        time.val_fill_s = self.val.fill_time_s
+        time.test_fill_s = self.test.fill_time_s if self.test is not None else 0.0
+        time.filled_s = self.filled_s
+        return time
 
     def tags(self) -> dict[str, str]:
-        return {"cache.train": self.train.source, "cache.val": self.val.source,
-                "cache.test": self.test.source}
+        return {f"cache.{name}": feed.source for name, feed in
+                (("train", self.train), ("val", self.val), ("test", self.test))
+                if feed is not None}
 
     def metrics(self) -> dict[str, float]:
         """What the cache holds for this trial (its time metrics: :meth:`time`)."""
-        feeds = (self.train, self.val, self.test)
+        feeds = self._feeds()
         return {
             "cache_hits": sum(f.source.startswith("hit") for f in feeds),
             "cache_entries": sum(f.cached for f in feeds),

@@ -45,7 +45,7 @@ def check_cache(cache: DictConfig | None, augment: Augment | None) -> str:
 
 
 def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augment | None,
-              device: torch.device, amp: bool = False) -> Feeds:
+              device: torch.device, amp: bool = False, test: bool = True) -> Feeds:
     """How a trial's train, val and test splits reach ``model.forward_trainable``.
 
     ``cache.mode=auto`` caches what is deterministic: val and test always, train unless
@@ -53,13 +53,37 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
     reason is logged); ``on`` is the same but a random train transform is a config error;
     ``off`` never caches. Fills and hits are timed and described for the trial's run.
     ``cache.device_budget_mb`` caps the rows the trial keeps on a GPU (:meth:`Feed.on`).
+    ``test=False`` leaves the test split out (``Feeds.test`` is None): nothing is filled for it.
     """
-    mode = cache_mode(cache)
+    names = ("train", "val", "test") if test else ("train", "val")
+    out, filled_s, units = _feeds(model, data, cache, augment, device, amp, names)
+    return Feeds(out["train"], out["val"], out.get("test"), filled_s=filled_s,
+                 frozen_digests=units, device_budget_mb=_device_budget_mb(cache))
+
+
+def _device_budget_mb(cache: DictConfig | None) -> float | None:
+    """``cache.device_budget_mb``, checked: None (sweeper.device's rule) or MB >= 0."""
     budget_mb = None if cache is None else cache.get("device_budget_mb")
     if budget_mb is not None and (isinstance(budget_mb, bool) or not isinstance(budget_mb, int | float)
                                   or budget_mb < 0):
         raise UserError(f"cache.device_budget_mb={budget_mb}: use null (half the GPU memory free "
                         "to the trial) or a number of MB >= 0 (0 copies every batch).")
+    return budget_mb
+
+
+def test_feed(model: FreezeNet, data: Data, cache: DictConfig | None, device: torch.device,
+              amp: bool = False) -> Feed:
+    """The test split alone, fed as :func:`for_trial` feeds it (for a test evaluation after the
+    trial: a study's end)."""
+    return _feeds(model, data, cache, None, device, amp, ("test",))[0]["test"]
+
+
+def _feeds(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augment | None,
+           device: torch.device, amp: bool, names: tuple[str, ...]
+           ) -> tuple[dict[str, Feed], float, list[str] | None]:
+    """The feeds of splits ``names``, the time spent filling them, and the frozen units'
+    digests when the cache computed them."""
+    mode = cache_mode(cache)
     amp = amp and device.type == "cuda"  # bf16 autocast runs on CUDA only (sweeper.train)
     normalize = data.normalize.to(device)
     random_train = augment is not None and augment.random
@@ -73,8 +97,8 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
         if model.cut == 0 and mode != "off":
             log.info("Feature cache: nothing to cache (no frozen unit)")
         aug = augment if random_train else None
-        return Feeds(images(data.train, why, aug), images(data.val, why), images(data.test, why),
-                     device_budget_mb=budget_mb)
+        return ({name: images(getattr(data, name), why, aug if name == "train" else None)
+                 for name in names}, 0.0, [] if model.cut == 0 else None)
 
     MEMORY.start_trial(int(float(cache.memory_budget_mb) * 2**20))
     directory = Path(str(cache.dir))
@@ -84,7 +108,7 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
     units = [unit_digest(u) for u in model.frozen_units()]
     out: dict[str, Feed] = {}
     filled_s = 0.0
-    for name in ("train", "val", "test"):
+    for name in names:
         split = getattr(data, name)
         if name == "train" and random_train:
             why = f"augment is random: {augment.describe()}"
@@ -99,4 +123,4 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
                  feed.source, feed.nbytes / 2**20, ", memory-mapped" if feed.mapped else "",
                  feed.fill_time_s)
         out[name] = feed
-    return Feeds(**out, filled_s=filled_s, device_budget_mb=budget_mb)
+    return out, filled_s, units

@@ -4,7 +4,8 @@
   :data:`ARM`), its intervals, plots and recommendation by the rule of :mod:`sweeper.decision`
   (``_study``; its plots, ``_plots``), written under ``paths.studies`` and logged on the
   study's parent run with the answer as ``recommended.*`` tags and metrics; every finished
-  study makes one. :func:`tested_runs` names the runs whose test accuracy it shows; the
+  study makes one. :func:`tested_runs` names the runs whose test accuracy it shows (of a
+  study's trials, :func:`trial_frame`); the
   study's parent run records the rule as :data:`RULE_TOLERANCE` and :data:`RULE_CONFIDENCE`;
 - :func:`make_design_report`: a designed experiment's figure and table, such as Yosinski et
   al.'s (``_design``), under ``paths.experiments``;
@@ -27,7 +28,8 @@ from sweeper.report._study import (
     make_report,
     show,
     tested_runs,
+    trial_frame,
 )
 
 __all__ = ["ARM", "RULE_CONFIDENCE", "RULE_TOLERANCE", "Report", "make_design_report",
-           "make_report", "show", "tested_runs"]
+           "make_report", "show", "tested_runs", "trial_frame"]

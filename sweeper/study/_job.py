@@ -14,7 +14,9 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+from sweeper import timing
 from sweeper.errors import log_trace
+from sweeper.states import StateStore
 from sweeper.storage import open_storage
 from sweeper.study import _trials
 from sweeper.study._mlflow import trial_runs, trial_tags
@@ -59,9 +61,12 @@ def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any
     heartbeat = _trials.Heartbeat(storage, float(settings.heartbeat_interval))
     heartbeat.add(trial_id)
 
+    time = timing.TrialTime()
+
     def on_epoch(s: EpochStats) -> None:
         storage.set_trial_system_attr(trial_id, _trials.PROGRESS,
-                                      {"epoch": s.epoch, "epochs": epochs, "val_acc": s.val_acc})
+                                      {"epoch": s.epoch, "epochs": epochs, "val_acc": s.val_acc,
+                                       "training_s": time.training_s})
         if prune:
             trial.report(s.val_acc, s.epoch)
             if trial.should_prune():
@@ -71,7 +76,7 @@ def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any
     tracker = Tracker(cfg.tracking)
     try:
         result = run_trial(cfg, parent_run_id=parent, tags=trial_tags(name, number),
-                           on_epoch=on_epoch)
+                           on_epoch=on_epoch, time=time, keep=kept_states(cfg, settings))
     except optuna.TrialPruned as e:
         _set_run_id(trial, tracker, parent, number)
         trial.set_user_attr("pruned", str(e))
@@ -100,6 +105,14 @@ def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any
         Run(tracker.client, result["run_id"]).tags({Tag.STATE: State.LOST})
         return {"state": State.LOST, **result}
     return {"state": State.COMPLETE, **result}
+
+
+def kept_states(cfg: DictConfig, settings: DictConfig) -> StateStore | None:
+    """Where the study's trials keep their trained parts, leaving their test evaluation to
+    the study's end; None when a trial must measure ``test_acc`` at once (an objective)."""
+    if "test_acc" in settings.objectives:
+        return None
+    return StateStore.for_study(cfg.paths, str(settings.study_name))
 
 
 def _set_run_id(trial: optuna.Trial, tracker: Tracker, parent: str | None, number: int) -> None:

@@ -83,22 +83,24 @@ def reopen(tracker: Tracker, run_id: str) -> Run:
     return Run(tracker.client, run_id)
 
 
-def _row(t: FrozenTrial, names: Sequence[str]) -> dict[str, Any]:
+def _row(t: FrozenTrial, names: Sequence[str],
+         test_acc: Mapping[int, float] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"trial": t.number, "state": str(STATE.get(t.state, t.state.name.lower()))}
     for i, name in enumerate(names):
         row[name] = t.values[i] if t.values is not None and i < len(t.values) else None
-    row.update({"test_acc": t.user_attrs.get("test_acc")})
+    row.update({"test_acc": (test_acc or {}).get(t.number, t.user_attrs.get("test_acc"))})
     row.update(t.params)
     row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id")
     return row
 
 
-def pareto_rows(study: optuna.Study, names: Sequence[str]) -> list[dict[str, Any]]:
+def pareto_rows(study: optuna.Study, names: Sequence[str],
+                test_acc: Mapping[int, float] | None = None) -> list[dict[str, Any]]:
     """The best trials (the Pareto set; the best one for a single objective), by first objective."""
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return []
     best = study.best_trials if len(study.directions) > 1 else [study.best_trial]
-    rows = [_row(t, names) for t in best]
+    rows = [_row(t, names, test_acc) for t in best]
     return sorted(rows, key=lambda r: (r.get(names[0]) is None, r.get(names[0])),
                   reverse=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
 
@@ -114,13 +116,18 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def summarize(run: Run, study: optuna.Study, names: Sequence[str]) -> list[dict[str, Any]]:
+def summarize(run: Run, study: optuna.Study, names: Sequence[str],
+              test_acc: Mapping[int, float] | None = None,
+              metrics: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """Log the Pareto set (``pareto.json`` table, ``pareto.csv``), every trial
-    (``trials.csv``) and summary metrics on the parent run; returns the Pareto rows."""
+    (``trials.csv``) and summary metrics (with ``metrics``) on the parent run; returns the
+    Pareto rows. ``test_acc``: test accuracies by trial number measured after the trials
+    (for those the Optuna trial does not hold)."""
     trials = study.get_trials(deepcopy=False)
-    rows = pareto_rows(study, names)
+    rows = pareto_rows(study, names, test_acc)
     states = [t.state for t in trials]
-    metrics: dict[str, float] = {
+    metrics = {
+        **(metrics or {}),
         "n_trials_complete": states.count(TrialState.COMPLETE),
         "n_trials_pruned": states.count(TrialState.PRUNED),
         "n_trials_failed": states.count(TrialState.FAIL),
@@ -142,5 +149,5 @@ def summarize(run: Run, study: optuna.Study, names: Sequence[str]) -> list[dict[
                              "pareto.json")
         run.text(_csv(rows), "pareto.csv")
     if trials:
-        run.text(_csv([_row(t, names) for t in trials]), "trials.csv")
+        run.text(_csv([_row(t, names, test_acc) for t in trials]), "trials.csv")
     return rows

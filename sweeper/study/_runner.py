@@ -20,13 +20,21 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeper import timing
 from sweeper.config import task_config
 from sweeper.errors import Interrupted, UserError
-from sweeper.report import RULE_CONFIDENCE, RULE_TOLERANCE, make_report, show
+from sweeper.report import (
+    RULE_CONFIDENCE,
+    RULE_TOLERANCE,
+    make_report,
+    show,
+    tested_runs,
+    trial_frame,
+)
 from sweeper.storage import StudyLock, is_url, journal_path, open_storage, storage_label
 from sweeper.study import _trials
 from sweeper.study._depth import PLAN
-from sweeper.study._job import run_job
+from sweeper.study._job import kept_states, run_job
 from sweeper.study._mlflow import fail_trial_runs, reopen, start_parent, summarize
 from sweeper.study._progress import Progress
 from sweeper.study._settings import (
@@ -41,11 +49,15 @@ from sweeper.study._settings import (
     settings_in,
 )
 from sweeper.tracking import Run, State, Tracker, config_params
+from sweeper.trial import evaluate_kept
 from sweeper.validate import check_config
 
 log = logging.getLogger("sweeper.study")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happened
+
+PRUNE_EVERY = 10  # trials: how often a sweep deletes kept trained parts no report can need
+_TESTED_S = "sweeper:test_eval_s"  # study system attr: seconds its end-of-study test evaluations took
 
 # A launch runs trial ``number`` with these Hydra overrides and returns when it has ended;
 # it raises if the job failed in a way the job itself could not record.
@@ -97,6 +109,7 @@ class StudyRunner:
         self._stop_reason: str | None = None
         self._settled_reason: str | None = None
         self._mine: set[int] = set()  # trial ids this process is running
+        self._ended = 0  # trials this sweep has seen end
         self._mine_lock = threading.Lock()
         self.study = self._open_study()
         self._tell_study = optuna.load_study(study_name=self.name, storage=self.storage,
@@ -149,7 +162,7 @@ class StudyRunner:
                     f"sweep has {self.arguments}. Trials of different settings do not belong in "
                     "one study: repeat the original overrides to resume it, or name a new study "
                     "with hydra.sweeper.study_name=...")
-            study_id = self.storage.get_study_id_from_name(self.name)
+            self.study_id = study_id = self.storage.get_study_id_from_name(self.name)
             joins = int(self.storage.get_study_system_attrs(study_id).get("sweeper:joins", 0))
             self.storage.set_study_system_attr(study_id, "sweeper:joins", joins + 1)
             # Sweeps joining a study draw other random numbers than the first, or TPE's
@@ -238,10 +251,12 @@ class StudyRunner:
 
     def _worker(self) -> None:
         while not self._stop.is_set():
-            nxt = self._next_trial()
-            if nxt is None:
-                return
-            self._run_trial(*nxt)
+            with timing.measure() as wall:  # from asking for the trial to its result recorded
+                nxt = self._next_trial()
+                if nxt is None:
+                    return
+                ended = self._run_trial(*nxt)
+            self._record_overhead(ended, wall.s)
 
     def _next_trial(self) -> tuple[FrozenTrial, list[str]] | None:
         """Ask for a trial and sample it, unless the study already holds n_trials trials."""
@@ -274,7 +289,7 @@ class StudyRunner:
             log.info("study %s: %s; no more trials needed", self.name, reason)
         return reason
 
-    def _run_trial(self, trial: FrozenTrial, overrides: list[str]) -> None:
+    def _run_trial(self, trial: FrozenTrial, overrides: list[str]) -> FrozenTrial:
         self.progress.started(trial.number, overrides, trial.user_attrs.get(PLAN))
         error: BaseException | None = None
         try:
@@ -303,6 +318,34 @@ class StudyRunner:
             now = self.storage.get_trial(trial._trial_id)
         self.progress.finished(now)
         self._check_failure_rate()
+        with self._mine_lock:
+            self._ended += 1
+            prune = self._ended % PRUNE_EVERY == 0
+        if prune:
+            self._prune_kept()
+        return now
+
+    def _prune_kept(self) -> None:
+        """Delete the kept trained parts the report can no longer need: those of complete
+        trials that :func:`sweeper.report.tested_runs` leaves out (bounds a long study's disk)."""
+        store = kept_states(self.cfg, self.s)
+        if store is None:
+            return
+        try:
+            frame = trial_frame(self.tracker, self.parent.run_id)
+            done = set(frame[frame.state == State.COMPLETE].run_id)
+            gone = store.prune(keep=set(store.run_ids()) - (done - set(tested_runs(frame))))
+        except Exception as e:  # noqa: BLE001 - the study goes on; its end prunes again
+            log.warning("kept trained parts not pruned: %s", e)
+            return
+        log.debug("pruned %d kept trained parts no report can need", len(gone))
+
+    def _record_overhead(self, trial: FrozenTrial, wall_s: float) -> None:
+        """The trial's overhead (:func:`sweeper.timing.trial_overhead`), kept with the study
+        so that whichever sweep finishes it sums every sweep's trials."""
+        training_s = float((trial.system_attrs.get(_trials.PROGRESS) or {}).get("training_s", 0.0))
+        self.storage.set_study_system_attr(self.study_id, f"{_trials.OVERHEAD}{trial.number}",
+                                           timing.trial_overhead(wall_s, training_s))
 
     def _check_failure_rate(self) -> None:
         trials = [t for t in self.study.get_trials(deepcopy=False)
@@ -389,7 +432,21 @@ class StudyRunner:
             counted = sum(_trials.counts_toward_total(t) for t in trials)
             open_ = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
             complete = (counted >= self.n_trials or self._settled() is not None) and not open_
-            rows = summarize(self.parent, self.study, self.names)
+            test_acc: dict[int, float] = {}
+            metrics: dict[str, float] = {}
+            if complete:
+                try:
+                    test_acc, metrics = self._test_for_report()
+                except KeyboardInterrupt:
+                    self.parent.tags({"error": "interrupted while measuring the test accuracy "
+                                               "of the report's trials; run the same command to "
+                                               "finish the study"})
+                    self.parent.end("KILLED")
+                    raise Interrupted(
+                        f"Interrupted while measuring the test accuracy of study {self.name!r}'s "
+                        "report trials: run the same command again to finish it. MLflow parent "
+                        f"run {self.parent.run_id}.") from None
+            rows = summarize(self.parent, self.study, self.names, test_acc, metrics)
             if self._stop_reason is not None:
                 self.parent.tags({"error": self._stop_reason[:5000]})
                 self.parent.end("FAILED")
@@ -404,6 +461,45 @@ class StudyRunner:
         if complete:
             self._report()
         return result
+
+    def _test_for_report(self) -> tuple[dict[int, float], dict[str, float]]:
+        """Evaluate the test set of the trials the report shows (:func:`sweeper.report.tested_runs`)
+        that have no test accuracy yet, from their kept trained parts; delete the other kept
+        parts. Returns their test accuracies by trial number, and the parent run's overhead
+        metrics (:func:`sweeper.timing.overhead_per_trial`). Call under the study lock."""
+        study_id = self.study_id
+        attrs = self.storage.get_study_system_attrs(study_id)
+        store = kept_states(self.cfg, self.s)
+        accs: dict[int, float] = {}
+        frame = trial_frame(self.tracker, self.parent.run_id)
+        if store is not None and not frame.empty:
+            needed = set(tested_runs(frame))
+            todo = frame[frame.run_id.isin(needed) & frame.test_acc.isna()]
+            kept = set(store.run_ids())
+            # Most units unfrozen first: each deeper cut's test entry derives from the last.
+            todo = todo.sort_values(["unfrozen", "trial"], ascending=[False, True])
+            with timing.measure() as spent:
+                for row in todo.itertuples():
+                    if row.run_id not in kept:
+                        log.warning("trial %s: its trained part was not kept (%s), so its test "
+                                    "accuracy cannot be measured", row.trial, store.folder)
+                        continue
+                    try:
+                        accs[int(row.trial)] = evaluate_kept(row.run_id, store, self.tracker)
+                    except Exception as e:  # noqa: BLE001 - the study's results stand without it
+                        log.warning("trial %s: no test accuracy (%s: %s)", row.trial,
+                                    type(e).__name__, e)
+            if accs:
+                log.info("study %s: test set of the %d trials the report shows evaluated in "
+                         "%.1f s", self.name, len(accs), spent.s)
+            tested_s = float(attrs.get(_TESTED_S, 0.0)) + spent.s
+            self.storage.set_study_system_attr(study_id, _TESTED_S, tested_s)
+            store.prune(keep=needed)
+        else:
+            tested_s = float(attrs.get(_TESTED_S, 0.0))
+        overheads = [float(v) for k, v in attrs.items() if k.startswith(_trials.OVERHEAD)]
+        return accs, {"overhead_per_trial_s": timing.overhead_per_trial(overheads, tested_s),
+                      "test_eval_time_s": tested_s}
 
     def _report(self) -> None:
         """The study's report (table, plots, recommendation), as ``python -m sweeper.report``

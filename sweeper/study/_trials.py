@@ -28,7 +28,8 @@ log = logging.getLogger("sweeper.study")
 
 HEARTBEAT = "sweeper:heartbeat"  # trial system attr: time.time() of the last sign of life
 LOST = "sweeper:lost"            # trial system attr: failed because its heartbeat stopped
-PROGRESS = "sweeper:progress"    # trial system attr: {"epoch", "epochs", "val_acc"}
+PROGRESS = "sweeper:progress"    # trial system attr: {"epoch", "epochs", "val_acc", "training_s"}
+OVERHEAD = "sweeper:overhead:"   # study system attr + trial number: the trial's overhead (s)
 WORKER = "sweeper:worker"        # trial system attr: host:pid of the sweep that asked it
 
 

@@ -1,0 +1,140 @@
+"""Trained parts of trials, kept on disk so that a model can be rebuilt without training it again.
+
+A trial's *trained part* is what training changed in its :class:`~sweeper.model.FreezeNet`:
+the trainable units and the head, plus the buffers of the frozen units (BatchNorm statistics,
+which ``freeze.bn_stats=target`` re-estimates). The frozen units' parameters are not kept:
+they are the pretrained weights the trial's config names, and the hashes of those units
+(:func:`sweeper.feeds.unit_digest`, the cache's own) are kept to check that a rebuilt model
+has the same ones. Each entry also holds the trial's resolved config, so it is enough, with
+the pretrained weights, to rebuild the trained model.
+
+A study keeps one entry per trial in ``<paths.states>/<study name>/<MLflow run id>.pt``; at its
+end it evaluates the test set of the trials its report needs from their entries and prunes
+the rest (:mod:`sweeper.study`). Using a store::
+
+    store = StateStore.for_study(cfg.paths, "freeze-resnet18-fashion_mnist")
+    store.save(run_id, model, cfg)       # after training
+    store.run_ids()                      # what is kept
+    cfg = store.config(run_id)           # the trial's resolved config
+    model, _ = sweeper.trial.build_model(cfg, num_classes, device)   # as the trial built it
+    store.load(run_id, model)            # now it predicts as the trained model did
+    store.prune(keep=[run_id])           # delete every other entry
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper.feeds import unit_digest
+from sweeper.model import FreezeNet
+
+FORMAT = 1  # of entry files: a newer format refuses to guess at an older one
+SUFFIX = ".pt"
+
+
+class StateMismatch(ValueError):
+    """A kept state does not fit the model it is loaded into (other depth, weights or layers)."""
+
+
+def trained_part(model: FreezeNet) -> dict[str, torch.Tensor]:
+    """``model``'s state without the frozen units' parameters (on the CPU)."""
+    frozen = {f"units.{i}.{name}" for i, unit in enumerate(model.frozen_units())
+              for name, _ in unit.named_parameters()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def _digests(model: FreezeNet) -> list[str]:
+    """What identifies the frozen units' weights and statistics (the cache's keys use it too)."""
+    return [unit_digest(u) for u in model.frozen_units()]
+
+
+class StateStore:
+    """A folder of kept trained parts, one file per key (a trial's MLflow run id)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    @classmethod
+    def for_study(cls, paths: DictConfig, study_name: str) -> StateStore:
+        """The store of study ``study_name``: ``<paths.states>/<study_name>/``."""
+        return cls(Path(str(paths.states)) / study_name)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}{SUFFIX}"
+
+    def save(self, key: str, model: FreezeNet, config: DictConfig,
+             frozen_digests: Sequence[str] | None = None) -> Path:
+        """Keep ``model``'s trained part and the resolved ``config`` it was trained with.
+
+        ``frozen_digests``: the :func:`~sweeper.feeds.unit_digest` of its frozen units, when
+        already computed (the cache does); :meth:`load` checks them. Written to a temporary
+        file and renamed into place, so a reader never sees half an entry.
+        """
+        if frozen_digests is None:
+            frozen_digests = _digests(model)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry = {"format": FORMAT, "unfrozen": model.unfrozen, "num_units": model.num_units,
+                 "frozen_digests": list(frozen_digests),
+                 "config": OmegaConf.to_yaml(config, resolve=True),
+                 "state": trained_part(model)}
+        path = self.path(key)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(entry, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def _read(self, key: str) -> dict:
+        path = self.path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no kept state {key} in {self.folder}")
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        if entry.get("format") != FORMAT:
+            raise StateMismatch(f"{path} has format {entry.get('format')}, not {FORMAT}")
+        return entry
+
+    def config(self, key: str) -> DictConfig:
+        """The resolved config the kept trial was trained with."""
+        return OmegaConf.create(self._read(key)["config"])
+
+    def load(self, key: str, model: FreezeNet) -> None:
+        """Load the kept trained part into ``model``, built as the trial built its own (for a
+        kept config: :func:`sweeper.trial.build_model`).
+
+        Raises :class:`StateMismatch` when the depth, the layers or the frozen units' weights
+        differ from the trained model's.
+        """
+        entry = self._read(key)
+        if (entry["num_units"], entry["unfrozen"]) != (model.num_units, model.unfrozen):
+            raise StateMismatch(
+                f"kept state {key} is for {entry['unfrozen']} of {entry['num_units']} units "
+                f"unfrozen; the model has {model.unfrozen} of {model.num_units}")
+        expected = trained_part(model).keys()
+        state = entry["state"]
+        if state.keys() != expected:
+            missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+            raise StateMismatch(f"kept state {key} does not fit the model: missing "
+                                f"{missing[:3]}, unexpected {extra[:3]}")
+        model.load_state_dict(state, strict=False)
+        if _digests(model) != entry["frozen_digests"]:
+            raise StateMismatch(f"the frozen units' weights differ from those kept state {key} "
+                                "was trained with (were the pretrained weights rebuilt?)")
+
+    def run_ids(self) -> list[str]:
+        """The keys of the kept entries, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        files = sorted(self.folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
+        return [p.stem for p in files]
+
+    def prune(self, keep: Iterable[str]) -> list[str]:
+        """Delete every entry whose key is not in ``keep``; returns the deleted keys."""
+        keep = set(keep)
+        gone = [key for key in self.run_ids() if key not in keep]
+        for key in gone:
+            self.path(key).unlink(missing_ok=True)
+        return gone

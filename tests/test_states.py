@@ -1,0 +1,88 @@
+"""Kept trained parts: a model rebuilt from a kept state predicts as the trained one did, and a
+trial that leaves its test set to later gets the test accuracy it would have measured."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sweeper import data as data_mod
+from sweeper.states import StateMismatch, StateStore
+from sweeper.tracking import Tracker
+from sweeper.train import fit
+from sweeper.trial import adapt_batchnorm, build_model, evaluate_kept, run_trial
+
+
+def _trained(cfg):
+    """The trial's model after a short training, as run_trial would have built and trained it."""
+    device = torch.device("cpu")
+    data = data_mod.load(cfg.dataset)
+    model, _ = build_model(cfg, len(data.classes), device)
+    adapt_batchnorm(model, data, str(cfg.freeze.bn_stats), device, int(cfg.trainer.batch_size))
+    fit(model, data, cfg.trainer, cfg.optim, device)
+    return model.eval(), data
+
+
+@pytest.mark.parametrize("overrides", [("freeze.unfrozen=2",),
+                                       ("freeze.unfrozen=0", "freeze.bn_stats=target"),
+                                       ("freeze.unfrozen=9",)])
+def test_a_kept_state_rebuilds_the_trained_model(make_cfg, tmp_path, overrides):
+    cfg = make_cfg("trainer.epochs=2", *overrides)
+    model, data = _trained(cfg)
+    store = StateStore(tmp_path / "states")
+    store.save("run1", model, cfg)
+    assert store.run_ids() == ["run1"]
+
+    kept_cfg = store.config("run1")
+    assert kept_cfg.freeze.unfrozen == cfg.freeze.unfrozen
+    fresh, _ = build_model(kept_cfg, len(data.classes), torch.device("cpu"))
+    x = data.normalize(data.test.images)
+    assert not torch.equal(fresh.eval()(x), model(x))  # training changed something
+    store.load("run1", fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+    # only what training changed is kept: not the frozen units' parameters
+    frozen = sum(p.numel() for u in model.frozen_units() for p in u.parameters())
+    kept = sum(t.numel() for t in torch.load(store.path("run1"), weights_only=True)["state"].values())
+    assert kept <= sum(t.numel() for t in model.state_dict().values()) - frozen
+
+
+def test_a_kept_state_refuses_another_model(make_cfg, tmp_path):
+    cfg = make_cfg("freeze.unfrozen=2")
+    model, data = _trained(cfg)
+    store = StateStore(tmp_path)
+    store.save("run1", model, cfg)
+    other, _ = build_model(make_cfg("freeze.unfrozen=3"), len(data.classes), torch.device("cpu"))
+    with pytest.raises(StateMismatch, match="unfrozen"):
+        store.load("run1", other)
+    reseeded, _ = build_model(make_cfg("freeze.unfrozen=2", "trainer.seed=1"), len(data.classes),
+                              torch.device("cpu"))  # other random frozen weights (weights=none)
+    with pytest.raises(StateMismatch, match="frozen units"):
+        store.load("run1", reseeded)
+
+
+def test_prune_keeps_only_what_is_named(make_cfg, tmp_path):
+    cfg = make_cfg("freeze.unfrozen=0")
+    model, _ = _trained(cfg)
+    store = StateStore(tmp_path)
+    for key in ("a", "b", "c"):
+        store.save(key, model, cfg)
+    assert sorted(store.prune(keep=["b", "zzz"])) == ["a", "c"]
+    assert store.run_ids() == ["b"]
+    assert StateStore(tmp_path / "none").run_ids() == []
+
+
+def test_a_test_set_left_to_later_gets_the_same_accuracy(make_cfg, tmp_path, mlflow_client):
+    cfg = make_cfg("freeze.unfrozen=3", "trainer.epochs=2", "trainer.deterministic=true")
+    now = run_trial(cfg)
+    store = StateStore(tmp_path / "states")
+    later = run_trial(cfg, keep=store)
+    assert "test_acc" not in later and later["val_acc"] == now["val_acc"]
+    assert "test_acc" not in mlflow_client.get_run(later["run_id"]).data.metrics
+
+    test_acc = evaluate_kept(later["run_id"], store, Tracker(cfg.tracking))
+    assert test_acc == now["test_acc"]
+    run = mlflow_client.get_run(later["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["test_acc"] == test_acc
+    history = mlflow_client.get_metric_history(later["run_id"], "test_acc")
+    assert [m.step for m in history] == [2]  # at the last epoch, as a trial logs it
