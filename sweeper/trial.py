@@ -119,7 +119,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
                               "run the same command again to train it.") from None
         raise
     run.finish(State.COMPLETE)
-    test = f"test_acc {result['test_acc']:.4f}" if "test_acc" in result else "test set later"
+    test = f"test_acc {result['test_acc']:.4f}" if "test_acc" in result else "test set when the study ends"
     log.info("val_acc %.4f  %s  train_time_s %.2f  (MLflow run %s)",
              result["val_acc"], test, result["train_time_s"], run.run_id)
     return {**result, "run_id": run.run_id}
@@ -205,6 +205,7 @@ def evaluate_kept(key: str, store: StateStore, tracker: Tracker) -> float:
     """
     cfg = store.config(key)
     device = resolve_device(str(cfg.trainer.device))
+    seed_everything(cfg.trainer)  # the trial's threads and determinism settings
     data = data_mod.load(cfg.dataset)
     model, _ = build_model(cfg, len(data.classes), device)
     store.load(key, model)
