@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.freeze_speed [--epochs N] [--seeds N] [--study default|every-depth|none]
                                                 [--naive-data loader|tensors] [--naive-fused]
-                                                [--naive-workers N] [OVERRIDE ...]
+                                                [--naive-workers N] [--overhead-only] [OVERRIDE ...]
 
 naive: the usual PyTorch recipe -- a ``DataLoader`` over a dataset that transforms one image
 at a time, ``requires_grad=False`` on the frozen units, the whole model in train mode, a full
@@ -15,9 +15,13 @@ batched data path and the fused optimizer step of ``conf/optim``.
 Same images, epochs, batch size, seeds, optimizer and hyperparameters. Prints, per depth
 unfrozen in {N, N//2, 2, 0} (N = freeze units), the median epoch time of each, their ratio and
 the validation accuracies (mean over ``--seeds``; also ours with ``freeze.bn_stats=target``);
-then a cache-budget check and, last, the wall time of the same study both ways: by default the
+then a cache-budget check and the wall time of the same study both ways: by default the
 trials of ``python -m sweeper.run -m`` (its sampler, told ours' results; naive replays the same
-trials), or every depth once; each study in a fresh process with a cold cache. Naive and ours
+trials), or every depth once; each study in a fresh process with a cold cache. Last, the
+default study itself (``python -m sweeper.run -m`` in a fresh outputs folder, reusing the
+pretrained checkpoint): its wall and CPU time and its overhead per trial, the time its trials
+spend outside their training steps and per-epoch validation (``overhead_per_trial_s`` of its
+parent run, :mod:`sweeper.timing`; ``--overhead-only`` runs just that). Naive and ours
 alternate (epoch by epoch in the table, trial by trial in the study), so a machine shared with
 other work slows both alike: the ratios are what to compare. ``--naive-data tensors`` and
 ``--naive-fused`` give naive this project's data path and optimizer step, leaving the cache as
@@ -418,6 +422,8 @@ def main() -> None:
     parser.add_argument("--naive-workers", type=int, default=0,
                         help="DataLoader worker processes of naive's loader (0: load in the main "
                              "process, right on 2 CPU cores)")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the default study's overhead per trial (python -m sweeper.run -m)")
     parser.add_argument("--part", choices=("all", "worker", "budget"), default="all",
                         help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=("naive", "ours"), help=argparse.SUPPRESS)
@@ -438,11 +444,14 @@ def main() -> None:
         base.append(f"trainer.epochs={args.epochs}")
     cfg = compose(overrides=[*base, f"cache.dir={work}/cache-table"])
     resolve_weights(cfg)  # pretrain the source checkpoint first if needed: not part of any timing
+    if args.overhead_only:
+        return overhead_line(cfg, args, work)
     if not args.study_only:
         depth_table(cfg, args)
         budget_check_line(base, work)
     if args.study != "none":
         study_lines(cfg, args, base, work)
+        overhead_line(cfg, args, work)
 
 
 def budget_check_line(base: list[str], work: Path) -> None:
@@ -480,6 +489,39 @@ def study_lines(cfg: DictConfig, args: argparse.Namespace, base: list[str], work
     print(f"study wall time: naive {res['naive']['wall_s']:.1f} s, ours {res['ours']['wall_s']:.1f} s, "
           f"ratio {res['naive']['wall_s'] / res['ours']['wall_s']:.1f}x")
     return res
+
+
+def overhead_line(cfg: DictConfig, args: argparse.Namespace, work: Path) -> None:
+    """The default study as a user runs it (``python -m sweeper.run -m``), in a fresh outputs
+    folder with a cold cache but the already pretrained checkpoint: its wall and CPU time, and
+    the overhead per trial its parent run records."""
+    from mlflow.tracking import MlflowClient
+
+    out = work / "default-study"
+    extra = [f"trainer.epochs={args.epochs}"] if args.epochs else []
+    cmd = [sys.executable, "-m", "sweeper.run", "-m", "hydra.sweeper.progress=log", *args.overrides,
+           *extra, f"paths.outputs={out}", f"tracking.uri=sqlite:///{out}/mlflow.db",
+           f"paths.pretrained={Path(cfg.paths.pretrained).resolve()}",
+           f"paths.data={Path(cfg.paths.data).resolve()}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if done.returncode != 0:
+        sys.exit(f"the default study failed:\n{done.stderr[-4000:]}")
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name(str(cfg.tracking.experiment))
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`{Tag.KIND}` = 'study'")
+    m = parent.data.metrics
+    n = int(m["n_trials_complete"] + m["n_trials_pruned"] + m["n_trials_failed"])
+    per_trial, tested = m["overhead_per_trial_s"], m["test_eval_time_s"]
+    print(f"default study (python -m sweeper.run -m, fresh outputs, checkpoint pretrained): "
+          f"{wall:.1f} s wall, {cpu:.1f} s CPU, {n} trials")
+    print(f"overhead per trial: {per_trial:.3f} s (outside training steps and per-epoch "
+          f"validation: {per_trial - tested / n:.3f} s in the trials, {tested / n:.3f} s of the "
+          f"{tested:.1f} s end-of-study test evaluation); target <= 0.25 s")
 
 
 if __name__ == "__main__":
