@@ -205,7 +205,7 @@ def evaluate_kept(key: str, store: StateStore, tracker: Tracker) -> float:
     """
     cfg = store.config(key)
     device = resolve_device(str(cfg.trainer.device))
-    seed_everything(cfg.trainer)  # the trial's threads and determinism settings
+    seed_everything(cfg.trainer, device)  # the trial's threads and determinism settings
     data = data_mod.load(cfg.dataset)
     model, _ = build_model(cfg, len(data.classes), device)
     store.load(key, model)
