@@ -246,7 +246,10 @@ def test_the_time_objective_does_not_depend_on_a_cold_or_warm_cache(make_cfg, ml
     n_train = len(data_mod.load(make_cfg(*overrides).dataset).train)
     assert len(recorded) == 3 and recorded[n_train] > 0
     for result in (cold, warm):
-        assert result["train_time_s"] - result["train_steps_s"] == pytest.approx(recorded[n_train])
+        # train_time_s also holds the one copy of the train rows to the device: on the CPU a
+        # no-op of microseconds, hence the small absolute tolerance.
+        assert result["train_time_s"] - result["train_steps_s"] == pytest.approx(recorded[n_train],
+                                                                                   abs=0.01)
         assert result["cache_fill_charged_s"] == pytest.approx(sum(recorded.values()))
     # Without the charge the warm trial would look cheaper by the whole fill.
     metrics = mlflow_client.get_run(warm["run_id"]).data.metrics
