@@ -18,7 +18,7 @@ from sweeper import feeds as cache
 from sweeper.errors import UserError
 from sweeper.model import build
 from sweeper.train import fit
-from sweeper.trial import run_trial
+from sweeper.trial import build_model, run_trial
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,7 +230,7 @@ def test_a_memory_budget_smaller_than_the_features_is_respected(make_cfg):
     assert small["val_acc"] == big["val_acc"] and small["test_acc"] == big["test_acc"]
 
 
-def test_the_time_objective_does_not_depend_on_a_cold_or_warm_cache(make_cfg, mlflow_client, outputs):
+def test_the_time_objective_does_not_depend_on_a_cold_or_warm_cache(make_cfg, mlflow_client):
     overrides = ("freeze.unfrozen=1", "dataset.size=600", "dataset.train_per_class=150",
                  "dataset.val_per_class=20", "dataset.test_per_class=10", "trainer.batch_size=32")
     cold = run_trial(make_cfg(*overrides))
@@ -239,18 +239,20 @@ def test_the_time_objective_does_not_depend_on_a_cold_or_warm_cache(make_cfg, ml
     assert cold["cache_fill_time_s"] > 0 and warm["cache_fill_time_s"] == 0
     # Each trial is charged the costs its entries recorded when they were filled, whether it
     # filled them (cold) or found them (warm): the same components, not a wall-clock ratio.
-    from sweeper.feeds._entries import read_header
-
-    recorded = {h["shape"][0]: h["fill_time_s"] for h in
-                (read_header(p, p.stem) for p in (outputs / "cache" / "features").glob("*.feat"))}
-    n_train = len(data_mod.load(make_cfg(*overrides).dataset).train)
-    assert len(recorded) == 3 and recorded[n_train] > 0
+    # The recorded costs, as any later reader of the entries finds them:
+    cfg = make_cfg(*overrides)
+    data = data_mod.load(cfg.dataset)
+    model, _ = build_model(cfg, len(data.classes), torch.device("cpu"))
+    found = cache.for_trial(model, data, cfg.cache, None, torch.device("cpu"))
+    assert [f.source.startswith("hit") for f in (found.train, found.val, found.test)] == [True] * 3
+    assert found.train.fill_time_s > 0
     for result in (cold, warm):
         # train_time_s also holds the one copy of the train rows to the device: on the CPU a
         # no-op of microseconds, hence the small absolute tolerance.
-        assert result["train_time_s"] - result["train_steps_s"] == pytest.approx(recorded[n_train],
-                                                                                   abs=0.01)
-        assert result["cache_fill_charged_s"] == pytest.approx(sum(recorded.values()))
+        assert result["train_time_s"] - result["train_steps_s"] == pytest.approx(
+            found.train.fill_time_s, abs=0.01)
+        assert result["cache_fill_charged_s"] == pytest.approx(
+            found.train.fill_time_s + found.val.fill_time_s + found.test.fill_time_s)
     # Without the charge the warm trial would look cheaper by the whole fill.
     metrics = mlflow_client.get_run(warm["run_id"]).data.metrics
     for name in ("cache_hits", "cache_fill_time_s", "cache_fill_charged_s", "cache_bytes"):
