@@ -198,11 +198,11 @@ def test_a_study_tests_the_trials_its_report_shows_at_its_end(outputs, mlflow_cl
     from sweeper.study import optimize
     from sweeper.tracking import Tracker
 
-    cfg = tiny_cfg(outputs)
+    cfg = tiny_cfg(outputs, *OTHERS)  # TPE over two depths: several trials per depth
     result = optimize(cfg, {"n_trials": 6, "study_name": "tested"}, progress="none",
                       arguments=["freeze.unfrozen=0,9"])
     trials = trial_frame(Tracker(cfg.tracking), result.parent_run_id)
-    shown = set(tested_runs(trials))  # the best trial of each depth
+    shown = set(tested_runs(trials))  # each depth's trials at its chosen learning rates
     assert len(shown) == 2 and len(trials) == 6
     # test_acc lands on exactly those runs; the other trials' kept parts are gone
     assert set(trials[trials.test_acc.notna()].run_id) == shown

@@ -162,6 +162,8 @@ def _arm_trials(trials: pd.DataFrame, decision: Decision, arm: int) -> pd.DataFr
     """The complete trials that are ``arm``'s measurements (its setting, one per key)."""
     s = decision.arms[arm]
     mine = trials[(trials.unfrozen == arm) & (trials.state == State.COMPLETE)]
+    if mine.empty:  # (a boolean mask from apply on no rows would drop the columns)
+        return mine
     mine = mine[mine.setting.apply(lambda x: x == s.setting)]
     return mine.drop_duplicates(subset=["seed", "split_seed"])
 
