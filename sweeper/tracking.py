@@ -313,6 +313,21 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+# MLflow 3's UI opens an experiment on the page its kind says; without this tag it shows the
+# GenAI overview (traces) instead of the runs. "custom_model_development" opens on the runs.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def trial_run_name(backbone: str, dataset: str, unfrozen: int,
+                   number: int | str | None = None) -> str:
+    """A trial run's name: in a study ``t007-resnet18-u5`` (the trial number first: names are
+    unique and sort in trial order in the MLflow UI, and stay short enough not to be cut),
+    else ``resnet18-fashion_mnist-unfrozen5``."""
+    if number is not None:
+        return f"t{int(number):03d}-{backbone}-u{int(unfrozen)}"
+    return f"{backbone}-{dataset}-unfrozen{int(unfrozen)}"
+
+
 class Tracker:
     """An MLflow experiment in a tracking store, from a ``tracking/`` config.
 
@@ -333,13 +348,17 @@ class Tracker:
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        location = Path(artifact_location).resolve().as_uri() if artifact_location else None
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException:  # another process created it first (mlflow #4123)
-            return self.client.get_experiment_by_name(name).experiment_id
+        if exp is None:
+            location = Path(artifact_location).resolve().as_uri() if artifact_location else None
+            try:
+                return self.client.create_experiment(name, artifact_location=location,
+                                                     tags=EXPERIMENT_TAGS)
+            except MlflowException:  # another process created it first (mlflow #4123)
+                exp = self.client.get_experiment_by_name(name)
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment made before the tag existed
+            if exp.tags.get(key) != value:
+                self.client.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
 
     def start(self, name: str, tags: Mapping[str, str] | None = None,
               parent_run_id: str | None = None, flush_every_s: float = 0.0) -> Run:

@@ -34,6 +34,7 @@ from sweeper.tracking import (
     config_params,
     environment_tags,
     train_command,
+    trial_run_name,
 )
 from sweeper.train import EpochStats, evaluate, fit, peak_memory_mb, reset_peak_memory
 from sweeper.validate import check_config
@@ -105,7 +106,8 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     device = resolve_device(str(cfg.trainer.device))
     overrides, flags, hydra_dir = _hydra_context()
     run = Tracker(cfg.tracking).start(
-        f"{cfg.backbone.name}-{cfg.dataset.name}-unfrozen{int(cfg.freeze.unfrozen)}",
+        trial_run_name(str(cfg.backbone.name), str(cfg.dataset.name), int(cfg.freeze.unfrozen),
+                       (tags or {}).get(Tag.TRIAL)),
         tags={Tag.KIND: Kind.TRIAL, **(tags or {}), **input_tags(overrides, flags)},
         parent_run_id=parent_run_id, flush_every_s=FLUSH_EVERY_S)
     time = time if time is not None else timing.TrialTime()

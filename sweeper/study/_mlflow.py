@@ -50,7 +50,7 @@ def fail_trial_runs(tracker: Tracker, parent_run_id: str | None, study_name: str
             Run(tracker.client, r.info.run_id).finish(state, reason)
     if runs:
         return runs[0].info.run_id
-    run = tracker.start(f"trial-{number}", tags={**trial_tags(study_name, number),
+    run = tracker.start(f"t{number:03d}", tags={**trial_tags(study_name, number),
                                                  Tag.OVERRIDES: " ".join(overrides)},
                         parent_run_id=parent_run_id)
     run.finish(state, reason)
