@@ -34,8 +34,11 @@ def default_uri() -> str:
     return str(compose().tracking.uri)
 
 
-def logged_config(run_id: str, tracking_uri: str) -> tuple[DictConfig, Any]:
-    """The resolved config a trial ran with, and its MLflow run."""
+def logged_config(run_id: str, tracking_uri: str,
+                  paths: DictConfig | None = None) -> tuple[DictConfig, Any]:
+    """The resolved config a trial ran with, and its MLflow run. ``paths``: where folders the
+    trial's config does not name go (default: ``conf/paths``; pass them inside a Hydra app,
+    where composing ``conf/`` is not possible)."""
     from mlflow.exceptions import MlflowException
 
     from sweeper.tracking import open_store
@@ -55,9 +58,11 @@ def logged_config(run_id: str, tracking_uri: str) -> tuple[DictConfig, Any]:
         logged = OmegaConf.load(path)
     # A folder conf/paths names but the trial's config does not (it ran before the folder was
     # named there): where conf/paths puts it, below the trial's outputs.
-    from sweeper.config import compose
+    if paths is None:
+        from sweeper.config import compose
 
-    return OmegaConf.merge({"paths": compose().paths}, logged), run
+        paths = compose().paths
+    return OmegaConf.merge({"paths": paths}, logged), run
 
 
 def rerun(run_id: str, tracking_uri: str | None = None, overrides: list[str] | None = None

@@ -438,6 +438,8 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
     table.drop(columns=["command"], errors="ignore").to_csv(folder / "depths.csv", index=False)
     tracker.client.log_artifacts(parent.info.run_id, str(folder), "report")
     _log_answer(tracker, parent.info.run_id, recommended)
+    # The run's description box in the MLflow UI: the answer where the study is opened.
+    tracker.client.set_tag(parent.info.run_id, NOTE, _note(report))
     return report
 
 
@@ -494,6 +496,16 @@ def _log_answer(tracker: Tracker, run_id: str, rec: dict[str, Any] | None) -> No
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
                                       if v is not None and not math.isnan(float(v))],
                      tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+NOTE = "mlflow.note.content"  # MLflow's own tag: the run's description, shown on its page
+
+
+def _note(r: Report) -> str:
+    text = f"**Recommendation.** {r.explanation}"
+    if r.recommended:
+        text += f"\n\nTrain it: `{r.recommended['command']}`"
+    return text + "\n\nThe table per depth and the plots: artifact `report/report.md`."
 
 
 def show(report: Report) -> None:

@@ -505,12 +505,30 @@ class StudyRunner:
         """The study's report (table, plots, recommendation), as ``python -m sweeper.report``
         would make it; a report that cannot be made does not fail the finished study."""
         try:
-            show(make_report(self.cfg, parent_run=self.parent.run_id, optuna_study=self.study,
-                             tolerance=float(self.s.tolerance),
-                             confidence=float(self.s.confidence)))
+            report = make_report(self.cfg, parent_run=self.parent.run_id,
+                                 optuna_study=self.study, tolerance=float(self.s.tolerance),
+                                 confidence=float(self.s.confidence))
+            show(report)
         except Exception as e:  # noqa: BLE001 - the study's results are already recorded
             log.warning("No report for study %s (%s); try: python -m sweeper.report "
                         "parent_run=%s", self.name, e, self.parent.run_id)
+            return
+        if self.s.get("register") and report.recommended:
+            self._register(str(report.recommended["run_id"]))
+
+    def _register(self, run_id: str) -> None:
+        """``hydra.sweeper.register``: export the recommended trial's model and register it,
+        as ``python -m sweeper.export`` would; a failure does not fail the finished study."""
+        from sweeper.export import export_config, export_run
+
+        cfg = export_config(self.cfg, registered_model=self.s.get("registered_model"))
+        try:
+            done = export_run(cfg, run_id, self.tracker, recommended_by=self.parent.run_id)
+        except Exception as e:  # noqa: BLE001 - the study's results are already recorded
+            log.warning("The recommended model was not exported (%s); try: python -m "
+                        "sweeper.export parent_run=%s", e, self.parent.run_id)
+            return
+        log.info("recommended model: %s, registered as %s", done.pt2, done.model_uri)
 
 
 def _table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
