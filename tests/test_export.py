@@ -112,7 +112,7 @@ def test_the_study_registers_its_recommended_model(study):
     assert tags["study"] == STUDY and tags["strategy"] == "depth"
     assert tags["unfrozen"] == run.data.params["freeze.unfrozen"]
     for key in ("val_acc", "test_acc", "train_time_s"):
-        assert float(tags[key]) == pytest.approx(run.data.metrics[key])
+        assert float(tags[key]) == pytest.approx(run.data.metrics[key], abs=0.01)
     with _tracking(study):
         info = mlflow.models.get_model_info(f"models:/{STUDY}/{v.version}")
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"

@@ -180,6 +180,8 @@ def test_installed_from_a_wheel_every_command_works_from_any_folder(tmp_path):
 
     report = _run(python, "-m", "sweeper.report", cwd=work).stdout
     assert "Train it:" in report and "timm" in report
+    exported = _run(python, "-m", "sweeper.export", cwd=work).stdout  # the study's model
+    assert "outputs/exports/freeze-timm-resnet18-digits/" in exported and "models:/" in exported
     again = _run(python, "-m", "sweeper.rerun", mine.info.run_id, cwd=work)
     assert "val_acc: original" in again.stderr
     printed = shlex.split(mine.data.tags["rerun_command"])  # works as printed

@@ -192,10 +192,18 @@ def _metadata(got: Trained, run: Any, study: str | None, test_acc: float,
 
 
 def _version_tags(meta: dict[str, Any]) -> dict[str, str]:
+    """The registered version's tags: what the model is and how well it did (rounded to what
+    a person reads; the run has the exact values)."""
     keep = ("study", "backbone", "dataset", "strategy", "unfrozen", "val_acc", "test_acc",
             "train_time_s", "run_id")
-    return {k: ("" if meta[k] is None else str(meta[k])) for k in keep
-            if not (isinstance(meta[k], float) and math.isnan(meta[k]))}
+    tags = {}
+    for key in keep:
+        value = meta[key]
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        tags[key] = f"{value:.2f}" if key == "train_time_s" else (
+            f"{value:.4f}" if isinstance(value, float) else str(value))
+    return tags
 
 
 def _description(meta: dict[str, Any]) -> str:
