@@ -90,6 +90,6 @@ def to_pt2(served: nn.Module, example: torch.Tensor, path: Path) -> torch.export
 
 def to_onnx(served: nn.Module, example: torch.Tensor, path: Path) -> None:
     """``served`` exported to ONNX (torch's dynamo exporter: needs onnx and onnxscript)."""
-    torch.onnx.export(served, (example,), str(path), dynamo=True, verbose=False,
+    torch.onnx.export(served, (example,), str(path), dynamo=True, verbose=False, external_data=False,
                       input_names=["images"], output_names=["logits"],
                       dynamic_shapes=dynamic_shapes(example))
