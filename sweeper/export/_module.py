@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
+from sweeper.data import Normalize
 from sweeper.model import FreezeNet
 
 log = logging.getLogger("sweeper.export")
@@ -26,24 +27,27 @@ for _noisy in ("onnx_ir", "onnxscript"):  # a line per optimisation pass of the 
 
 
 class Served(nn.Module):
-    """Preprocessing, every freeze unit (frozen or trained alike) and the head, in eval mode."""
+    """Preprocessing, every freeze unit (frozen or trained alike) and the head, in eval mode.
+
+    The preprocessing is the data path's own :class:`~sweeper.data.Normalize` (scale, grey to
+    3 channels, normalise), then a resize to ``image_size``: resizing after normalising gives
+    what resizing first would (both are linear, and the resize's weights sum to 1).
+    """
 
     def __init__(self, net: FreezeNet, image_size: int, mean, std) -> None:
         super().__init__()
+        self.normalize = Normalize(mean, std)
         self.units = nn.Sequential(*copy.deepcopy(list(net.units)))
         self.head = copy.deepcopy(net.head)
         self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
         self.requires_grad_(False)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255
-        size = (self.image_size, self.image_size)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        x = x.expand(-1, 3, -1, -1)  # grey (1 channel) to 3; a no-op on 3 channels
-        return self.head(self.units((x - self.mean) / self.std))
+        x = self.normalize(images)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                          align_corners=False, antialias=True)
+        return self.head(self.units(x))
 
 
 def fold_batchnorm(served: Served, check: torch.Tensor) -> tuple[Served, int]:
