@@ -44,7 +44,7 @@ def study(tmp_path_factory) -> Path:
     """One finished study that registered its recommended model (shared by this module's tests)."""
     outputs = tmp_path_factory.mktemp("export") / "outputs"
     done = _run("sweeper.run", outputs, "-m", *DIGITS, "hydra.sweeper.n_trials=3",
-                "freeze.unfrozen=0,1", "hydra.sweeper.register=true")
+                "freeze.unfrozen=range(0,2)", "hydra.sweeper.register=true")
     assert done.returncode == 0, done.stderr[-3000:]
     return outputs
 
