@@ -57,7 +57,7 @@ from sweeper.config import compose, task_config
 from sweeper.device import as_input, autocast, place_model, resolve_device
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import resolve_weights
-from sweeper.study import make_sampler, search, settings_in
+from sweeper.study import check_settings, make_sampler, search, settings_in
 from sweeper.tracking import Param, Tag, Tracker
 from sweeper.train import fit, make_optimizer, peak_memory_mb, reset_peak_memory
 from sweeper.trial import adapt_batchnorm, log_inputs, run_trial, seed_everything
@@ -352,8 +352,8 @@ def default_study(workers: Workers, base: list[str], n_trials: int | None) -> li
     Returns the trials' overrides."""
     full = compose(overrides=base, return_hydra_config=True)
     task = task_config(full)
-    settings = settings_in(task, full.hydra.sweeper)
-    OmegaConf.resolve(settings)
+    settings = check_settings(settings_in(task, full.hydra.sweeper), task,
+                              choices=full.hydra.runtime.choices)
     found = search(settings, task)
     objectives = {str(k): str(v) for k, v in settings.objectives.items()}
     study = optuna.create_study(directions=list(objectives.values()),

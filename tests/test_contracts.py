@@ -83,7 +83,7 @@ def test_other_backbones_derive_their_unit_count_from_the_network(overrides, nam
     assert (cfg.backbone.name, cfg.backbone.num_units) == (name, num_units)
     depths = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)["freeze.transferred"]
     assert depths == f"range(0,{num_units + 1})"
-    space = compose(overrides=overrides, return_hydra_config=True).hydra.sweeper.params
+    space = compose(overrides=overrides, return_hydra_config=True).hydra.sweeper.default_params
     assert space["freeze.unfrozen"] == f"int(interval(0, {num_units}))"
 
 

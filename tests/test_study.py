@@ -149,17 +149,18 @@ def tiny_cfg(outputs: Path, *overrides: str):
                        return_hydra_config=True)
 
 
-@pytest.mark.parametrize("sampler", ["depth", "tpe", "nsgaii", "gp", "random", "qmc", "grid"])
+@pytest.mark.parametrize("sampler", ["depth", "tpe", "nsgaii", "gp", "random", "qmc", "grid",
+                                     "cmaes"])
 @pytest.mark.parametrize("pruner", ["depth", "none", "median", "hyperband"])
 def test_configs_build(outputs, sampler, pruner):
-    from omegaconf import OmegaConf
-
     from sweeper import study as _optuna  # its sampler and pruner builders
     from sweeper.config import task_config
 
     cfg = tiny_cfg(outputs, f"hydra/sweeper/sampler={sampler}", f"hydra/sweeper/pruner={pruner}")
-    s = OmegaConf.create(OmegaConf.to_container(cfg.hydra.sweeper, resolve=True))
-    found = _optuna.search(s, task_config(cfg))
+    task = task_config(cfg)
+    s = _optuna.check_settings(_optuna.settings_in(task, cfg.hydra.sweeper), task,
+                               choices=cfg.hydra.runtime.choices)
+    found = _optuna.search(s, task)
     assert isinstance(_optuna.make_sampler(s.sampler, search=found), optuna.samplers.BaseSampler)
     assert isinstance(_optuna.make_pruner(s.get("pruner")), optuna.pruners.BasePruner)
     if sampler == "depth":  # it repeats with the next seed and split: both join the space

@@ -9,7 +9,8 @@
   heartbeat, failure and loss: ``_trials``);
 - :class:`CheckBeforeWork`, a Hydra callback, checks the config (:mod:`sweeper.validate`)
   and the study's settings (:func:`check_settings`) before Hydra creates a folder;
-- the settings: :func:`check_settings`, :func:`default_settings`, :func:`settings_in`,
+- the settings: :func:`check_settings` (``_schema``: the one place that validates and completes
+  them, hydra-optuna-sweeper's keys included), :func:`default_settings`, :func:`settings_in`,
   :func:`search` (the space a sweep samples), :func:`make_sampler`, :func:`make_pruner`
   (``_settings``) and the search space's grammar, :func:`parse_space` (``_space``);
 - the default study's :class:`DepthSampler` (every depth, a learning-rate search in each,
@@ -31,9 +32,9 @@ from sweeper.study._depth import DepthPruner, DepthSampler
 from sweeper.study._hydra import CheckBeforeWork, HydraSweeper
 from sweeper.study._job import hydra_trial, run_job
 from sweeper.study._runner import StudyResult, StudyRunner, optimize
+from sweeper.study._schema import check_settings
 from sweeper.study._settings import (
     Search,
-    check_settings,
     default_settings,
     make_pruner,
     make_sampler,

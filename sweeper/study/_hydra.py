@@ -20,12 +20,13 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sweeper.config import task_config
 from sweeper.errors import UserError
 from sweeper.study._runner import StudyRunner
-from sweeper.study._settings import check_settings, one_at_a_time, settings_in
+from sweeper.study._schema import check_settings
+from sweeper.study._settings import one_at_a_time, settings_in
 from sweeper.study._space import quote
 from sweeper.validate import check_config
 
@@ -47,9 +48,12 @@ class HydraSweeper:
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
-        settings = OmegaConf.create(OmegaConf.to_container(self.config.hydra.sweeper,
-                                                           resolve=True))
         task = task_config(self.config)
+        hc = self.config.hydra
+        # The callback checked them before Hydra made the folder; completed again here (a
+        # null study name is this sweep's), the storage left to the runner.
+        settings = check_settings(hc.sweeper, task, arguments, choices=hc.runtime.choices,
+                                  sweep_dir=hc.sweep.dir, storage=False)
         launcher = self.launcher
         if type(launcher).__name__ == "BasicLauncher":
             one_at_a_time(settings, "Hydra's basic launcher runs jobs in this process one at a "
@@ -72,8 +76,9 @@ class HydraSweeper:
 
         runner = StudyRunner(settings, task, launch, arguments)
         # Jobs may run elsewhere (another cwd, another machine): give them the storage as the
-        # sweep resolved it.
+        # sweep resolved it, and the study's name (a null one is this sweep's own).
         storage.append(f"hydra.sweeper.storage={quote(runner.storage_spec)}")
+        storage.append(f"hydra.sweeper.study_name={quote(runner.name)}")
         return runner.run(str(settings.get("progress", "auto")))
 
 
@@ -90,8 +95,7 @@ class CheckBeforeWork(Callback):
         self._check(config, study=False)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, study=str(config.hydra.sweeper.get("_target_", "")).endswith(
-            "sweeper_optuna.OptunaSweeper"))
+        self._check(config, study=runs_here(str(config.hydra.sweeper.get("_target_", ""))))
 
     @staticmethod
     def _check(config: DictConfig, study: bool) -> None:
@@ -100,11 +104,18 @@ class CheckBeforeWork(Callback):
             task = task_config(config)
             check_config(task)
             if study:
-                settings = settings_in(task, config.hydra.sweeper)
-                OmegaConf.resolve(settings)
-                check_settings(settings, task, list(config.hydra.overrides.task))
+                hc = config.hydra
+                check_settings(settings_in(task, hc.sweeper), task, list(hc.overrides.task),
+                               choices=hc.runtime.choices, sweep_dir=hc.sweep.dir)
         except UserError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 traceback.print_exc()
             print(str(e), file=sys.stderr)
             sys.exit(1)
+
+
+def runs_here(target: str) -> bool:
+    """Whether a ``hydra.sweeper._target_`` is this project's sweeper (or its alias)."""
+    from hydra_plugins.sweeper_optuna import ALIASED, OFFICIAL  # the plugin's light shim
+
+    return target.endswith("sweeper_optuna.OptunaSweeper") or (target == OFFICIAL and ALIASED)

@@ -20,6 +20,7 @@ from sweeper.states import StateStore
 from sweeper.storage import open_storage
 from sweeper.study import _trials
 from sweeper.study._mlflow import trial_runs, trial_tags
+from sweeper.study._schema import check_settings
 from sweeper.study._settings import make_pruner, settings_in
 from sweeper.tracking import Run, State, Tag, Tracker
 from sweeper.train import EpochStats
@@ -38,7 +39,9 @@ def hydra_trial(cfg: DictConfig) -> tuple[DictConfig, int] | None:
     sweeper = HydraConfig.get().get("sweeper")
     if sweeper is None or sweeper.get("trial") is None:
         return None
-    return settings_in(cfg, sweeper), int(sweeper.trial)
+    settings = check_settings(settings_in(cfg, sweeper), cfg,
+                              choices=HydraConfig.get().runtime.choices, storage=False)
+    return settings, int(sweeper.trial)
 
 
 def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
@@ -37,9 +38,9 @@ from sweeper.study._depth import PLAN
 from sweeper.study._job import kept_states, run_job
 from sweeper.study._mlflow import fail_trial_runs, reopen, start_parent, summarize
 from sweeper.study._progress import Progress
+from sweeper.study._schema import check_settings
 from sweeper.study._settings import (
     apply_overrides,
-    check_settings,
     default_settings,
     describe,
     make_pruner,
@@ -207,6 +208,23 @@ class StudyRunner:
         study.set_user_attr("storage", self.storage_label)
         return run
 
+    def _custom_space(self) -> Callable[[optuna.Trial], None] | None:
+        """hydra-optuna-sweeper's ``custom_search_space`` hook, called as ``hook(cfg, trial)``;
+        a failure in it is the user's, and stops the sweep with its message."""
+        path = self.s.get("custom_search_space")
+        if path is None:
+            return None
+        hook = get_method(str(path))
+
+        def extend(trial: optuna.Trial) -> None:
+            try:
+                hook(self.cfg, trial)
+            except Exception as e:  # noqa: BLE001 - the user's function
+                raise UserError(f"hydra.sweeper.custom_search_space={path} failed on trial "
+                                f"{trial.number}: {type(e).__name__}: {e}") from None
+
+        return extend
+
     # -- running --------------------------------------------------------------------------
 
     def run(self, progress: str = "auto") -> StudyResult:
@@ -268,7 +286,14 @@ class StudyRunner:
             if self._settled() is not None:
                 return None
             trial = self.study.ask()
-            overrides = self.space.suggest(trial, lambda key: OmegaConf.select(self.cfg, key))
+            try:
+                overrides = self.space.suggest(trial, lambda key: OmegaConf.select(self.cfg, key),
+                                               self._custom_space())
+            except UserError as e:  # the custom_search_space hook failed: stop, recorded
+                self.study.tell(trial, state=TrialState.FAIL)
+                self._stop_reason = str(e)
+                self._stop.set()
+                return None
             self.storage.set_trial_system_attr(trial._trial_id, _trials.WORKER,
                                                _trials.worker_label())
             with self._mine_lock:
@@ -574,8 +599,12 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
         for key, value in dict(sweep).items():
             base[key] = value
     task = task_config(cfg)
-    settings = settings_in(task, base)
-    OmegaConf.resolve(settings)
+    check_config(task)  # before any trial, as the command line's callback does
+    hydra = cfg.get("hydra")
+    settings = check_settings(settings_in(task, base), task, arguments,
+                              choices=hydra.runtime.choices if hydra is not None else None,
+                              sweep_dir=OmegaConf.select(cfg, "hydra.sweep.dir", default=None),
+                              storage=False)  # the runner opens the storage
     # Trials here share one process (and its feature cache and torch threads).
     one_at_a_time(settings, "optimize() runs its trials in this process; for parallel trials "
                             "run `python -m sweeper.run -m hydra/launcher=joblib "
@@ -587,8 +616,6 @@ def optimize(cfg: DictConfig, sweep: DictConfig | Mapping[str, Any] | None = Non
         if result.get("state") == State.FAILED:
             log.debug("trial %d failed: %s", number, result.get("error"))
 
-    check_config(task)  # before any trial, as the command line's callback does
-    check_settings(settings, task, arguments, storage=False)  # the runner opens the storage
     runner = StudyRunner(settings, task, launch, arguments)
     return runner.run(progress)
 

@@ -1,8 +1,9 @@
 """The sweep's settings (the ``hydra.sweeper`` node) and the Optuna objects they describe.
 
 The Hydra sweeper and :func:`sweeper.study.optimize` read the same node
-(``conf/hydra/sweeper/optuna.yaml``), resolved against the task config, and build the
-sampler and pruner it names here.
+(``conf/hydra/sweeper/optuna.yaml``), resolved against the task config and checked by
+:func:`sweeper.study.check_settings` (``_schema``), and build the sampler and pruner it names
+here.
 """
 
 from __future__ import annotations
@@ -21,11 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper.config import compose
 from sweeper.errors import UserError
-from sweeper.model import check_backbone
-from sweeper.storage import StudyLock, open_storage
 from sweeper.study._depth import with_repeats
 from sweeper.study._space import Space, parse_space
-from sweeper.validate import Rule, rule_for
 
 log = logging.getLogger("sweeper.study")
 # TPE's group, QMC and metric names have been "experimental" since Optuna 2-3; we rely on them.
@@ -160,100 +158,6 @@ def make_pruner(cfg: DictConfig | None) -> optuna.pruners.BasePruner:
         return instantiate(cfg, _convert_="all")
     except Exception as e:  # noqa: BLE001
         raise UserError(f"hydra.sweeper.pruner cannot be built: {e}") from None
-
-
-
-
-PROGRESS = ("auto", "rich", "log", "none")
-DIRECTIONS = ("maximize", "minimize")
-# What each hydra.sweeper setting may hold (declared with sweeper.validate's rules).
-SETTINGS = (
-    Rule("study_name", "str"),
-    Rule("storage", "str", hint="a journal file path, or an RDB URL such as "
-                                "postgresql://user:password@host/db"),
-    Rule("n_trials", "int", low=1, hint="the study's total number of trials"),
-    Rule("n_jobs", "int", low=1, hint="trials at once in this sweep"),
-    Rule("max_failure_rate", "float", low=0, high=1),
-    Rule("failure_rate_min_trials", "int", low=1),
-    Rule("heartbeat_interval", "float", low=0, strict=True, hint="seconds"),
-    Rule("grace_period", "float", low=0, strict=True, hint="seconds"),
-    Rule("retry_lost", "bool"),
-    Rule("progress", "choice", choices=PROGRESS),
-)
-
-
-def check_settings(settings: DictConfig, cfg: DictConfig, arguments: Sequence[str] = (),
-                   *, storage: bool = True) -> Space:
-    """The resolved ``hydra.sweeper`` ``settings`` checked before any trial: each value, the
-    objectives, the search space (parsed with the command-line ``arguments``; every searched
-    value must be valid for its key: :mod:`sweeper.validate`'s rules, the backbone's units),
-    the sampler and pruner, and (``storage``) the Optuna storage reachable. Returns the space.
-    """
-    for rule in SETTINGS:
-        if rule.key in settings:
-            rule.check(settings[rule.key], "hydra.sweeper.")
-    if float(settings.grace_period) <= float(settings.heartbeat_interval):
-        raise UserError(f"hydra.sweeper.grace_period={settings.grace_period} is not longer than "
-                        f"hydra.sweeper.heartbeat_interval={settings.heartbeat_interval}: a "
-                        "running trial would be declared lost between two heartbeats; make it "
-                        "several heartbeats long.")
-    objectives = settings.get("objectives")
-    if not objectives:
-        raise UserError("hydra.sweeper.objectives is empty: name at least one metric of the "
-                        "trial (val_acc, train_time_s, test_acc...) and its direction.")
-    for name, direction in objectives.items():
-        if str(direction) not in DIRECTIONS:
-            raise UserError(f"hydra.sweeper.objectives.{name}={direction} is not valid: use "
-                            "maximize or minimize.")
-    space = parse_space(settings.params or {}, settings.get("conditions") or {}, arguments)
-    # With a config group searched (backbone=a,b), each trial's backbone is its own: its unit
-    # count is checked by the trial.
-    per_trial = any("." not in key.lstrip("+~") for key in space.sampled)
-    for key, dist in space.sampled.items():
-        _check_searched(cfg, key, _ends(dist), f"hydra.sweeper.params.{key} searches {dist}",
-                        per_trial)
-    for key, value in space.fixed.items():
-        if value is not None:  # None: a ~key deletion
-            _check_searched(cfg, key, [_value(value)], f"{key}={value}", per_trial)
-    if not _is_grid(settings):  # a grid sampler is built from the space, by the runner
-        make_sampler(settings.get("sampler"), search=search(settings, cfg, arguments))
-    make_pruner(settings.get("pruner"))
-    if storage:
-        spec = str(settings.storage)
-        with StudyLock(spec, str(settings.study_name))():
-            open_storage(spec)
-    return space
-
-
-def _is_grid(settings: DictConfig) -> bool:
-    sampler = settings.get("sampler")
-    return sampler is not None and str(sampler.get("_target_")).endswith("GridSampler")
-
-
-def _ends(dist: optuna.distributions.BaseDistribution) -> list[Any]:
-    """The values that decide whether a distribution stays valid: its ends, or its choices."""
-    if isinstance(dist, optuna.distributions.CategoricalDistribution):
-        return list(dist.choices)
-    return [dist.low, dist.high]
-
-
-def _value(text: str) -> Any:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(f"k={text}").value()
-
-
-def _check_searched(cfg: DictConfig, key: str, values: Sequence[Any], where: str,
-                    per_trial: bool = False) -> None:
-    found = rule_for(key.lstrip("+~"))
-    for value in values:
-        try:
-            if found is not None:
-                found[1].check(value, found[0])
-            if key.lstrip("+~") == "freeze.unfrozen" and not per_trial:
-                check_backbone(cfg.backbone, value)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
 
 
 def describe(node: DictConfig | None) -> str:
