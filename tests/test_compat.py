@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from sweeper.config import compose, task_config
+from sweeper.config import CONF_DIR, compose, task_config
 from sweeper.errors import UserError
 from sweeper.study import check_settings, make_sampler, parse_space, settings_in
 from sweeper.tracking import param_name
@@ -203,3 +203,15 @@ def test_a_key_of_the_official_plugin_is_refused_with_what_to_write(changes, ove
     with pytest.raises(UserError, match=None) as e:
         _check(*overrides, **changes)
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml")))
+def test_every_named_search_composes_and_passes_the_checks(name):
+    """The project's own hparams_search files: a sweep without -m, settings that check."""
+    cfg = compose(overrides=[*TINY, f"hparams_search={name}"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    task = task_config(cfg)
+    s = check_settings(settings_in(task, cfg.hydra.sweeper), task,
+                       choices=cfg.hydra.runtime.choices, sweep_dir="/sweeps/one")
+    assert parse_space(s.params, s.conditions).sampled
+    make_sampler(s.sampler)
