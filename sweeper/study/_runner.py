@@ -101,7 +101,6 @@ class StudyRunner:
         found = search(settings, cfg, arguments)
         self.space, self.n_trials, self.search = found.space, found.n_trials, found
         self.n_jobs = max(1, int(settings.n_jobs))
-        self._check_pruning(settings)
         self.lock = StudyLock(self.storage_spec, self.name)
         with self.lock():  # two sweeps on a new database would both create Optuna's tables
             self.storage = open_storage(self.storage_spec)
@@ -118,24 +117,6 @@ class StudyRunner:
         self.heartbeat = _trials.Heartbeat(self.storage, float(settings.heartbeat_interval))
 
     # -- setting up -----------------------------------------------------------------------
-
-    def _check_pruning(self, settings: DictConfig) -> None:
-        pruner = settings.get("pruner")
-        if pruner is None or pruner.get("_target_") is None:
-            return
-        if self.objectives != {"val_acc": "maximize"} and str(pruner._target_).endswith(
-                "DepthPruner") and "val_acc" in self.objectives:
-            # The default pruner with a second objective (accuracy_time): Optuna takes no
-            # per-epoch values in a multi-objective study, so trials run to the end.
-            log.info("objectives %s: no pruning (Optuna prunes single-objective studies only)",
-                     ", ".join(self.objectives))
-            settings.pruner = {"_target_": None}
-            return
-        if self.objectives != {"val_acc": "maximize"}:
-            raise UserError(
-                "Pruning stops trials on their per-epoch val_acc, so it needs the single "
-                f"objective val_acc (maximize); the objectives are {self.objectives}. Add "
-                "hydra/sweeper/objectives=accuracy, or drop the pruner (hydra/sweeper/pruner=none).")
 
     def _open_study(self) -> optuna.Study:
         directions = list(self.objectives.values())

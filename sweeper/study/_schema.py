@@ -96,6 +96,8 @@ def check_settings(settings: DictConfig, cfg: DictConfig, arguments: Sequence[st
     - a sampler or pruner given inline drops the arguments of the group default it replaced
       that it does not take (logged); an argument nobody gave it that it does not take is an
       error;
+    - a pruner needs the single objective val_acc (the default study's depth pruner is
+      dropped for other objectives, any other pruner is an error);
     - ``custom_search_space`` must name an importable function.
 
     Checked: each value (``SETTINGS``), ``grace_period`` against ``heartbeat_interval``, the
@@ -117,6 +119,7 @@ def check_settings(settings: DictConfig, cfg: DictConfig, arguments: Sequence[st
     for group in ("sampler", "pruner"):
         choice = (choices or {}).get(f"hydra/sweeper/{group}")
         node[group] = _arguments(group, node.get(group), choice)
+    node["pruner"] = _pruner(node.get("pruner"), node["objectives"])
     hook = node.get("custom_search_space")
     if hook is not None:
         try:
@@ -213,6 +216,25 @@ def _objectives(node: dict[str, Any], cfg: DictConfig) -> dict[str, str]:
     objectives = dict(zip(metrics, directions, strict=True))
     log.info("objectives %s (optimized_metric with hydra.sweeper.direction)", objectives)
     return objectives
+
+
+def _pruner(pruner: Any, objectives: dict[str, str]) -> Any:
+    """The pruner, if the objectives allow it: pruning stops trials on their per-epoch val_acc,
+    which Optuna takes in single-objective studies only."""
+    if not isinstance(pruner, dict) or pruner.get("_target_") is None:
+        return pruner
+    if objectives == {"val_acc": "maximize"}:
+        return pruner
+    if str(pruner["_target_"]).endswith("DepthPruner"):
+        # The default study's pruner, which nobody chose for these objectives (accuracy_time,
+        # or a file's optimized_metric): trials run to the end.
+        log.info("objectives %s: no pruning (the depth pruner compares val_acc, in "
+                 "single-objective studies of it)", ", ".join(objectives))
+        return {"_target_": None}
+    raise UserError(
+        "Pruning stops trials on their per-epoch val_acc, so it needs the single "
+        f"objective val_acc (maximize); the objectives are {objectives}. Add "
+        "hydra/sweeper/objectives=accuracy, or drop the pruner (hydra/sweeper/pruner=none).")
 
 
 def _params(node: dict[str, Any]) -> dict[str, Any]:
