@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from sweeper.config import CONF_DIR, compose, task_config
 from sweeper.errors import UserError
-from sweeper.study import check_settings, make_sampler, parse_space, settings_in
+from sweeper.study import check_settings, make_sampler, parse_space, search, settings_in
 from sweeper.tracking import param_name
 from tests.conftest import ROOT, TINY
 
@@ -212,6 +212,7 @@ def test_every_named_search_composes_and_passes_the_checks(name):
     assert cfg.hydra.mode.name == "MULTIRUN"
     task = task_config(cfg)
     s = check_settings(settings_in(task, cfg.hydra.sweeper), task,
-                       choices=cfg.hydra.runtime.choices, sweep_dir="/sweeps/one")
-    assert parse_space(s.params, s.conditions).sampled
-    make_sampler(s.sampler)
+                       choices=cfg.hydra.runtime.choices, sweep_dir="/sweeps/one", storage=False)
+    found = search(s, task)
+    assert found.space.sampled
+    assert isinstance(make_sampler(s.sampler, search=found), optuna.samplers.BaseSampler)

@@ -7,12 +7,11 @@ import math
 
 import optuna
 import pytest
-from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from sweeper.config import compose, task_config
 from sweeper.decision import REFERENCE, WITHIN
-from sweeper.study import DepthPruner, DepthSampler, search, settings_in
+from sweeper.study import DepthPruner, DepthSampler, check_settings, search, settings_in
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -25,8 +24,8 @@ def space(high: int = 9):
     """The default study's space (conf/hydra/sweeper), over depths 0..high."""
     cfg = compose(return_hydra_config=True)
     task = task_config(cfg)
-    settings = settings_in(task, cfg.hydra.sweeper)
-    OmegaConf.resolve(settings)
+    settings = check_settings(settings_in(task, cfg.hydra.sweeper), task,
+                              choices=cfg.hydra.runtime.choices, storage=False)
     return search(settings, task, [f"freeze.unfrozen=int(interval(0, {high}))"]).space
 
 
