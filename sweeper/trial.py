@@ -84,6 +84,12 @@ def _hydra_context() -> tuple[list[str], list[str], Path | None]:
 # transaction each), not one transaction per call: see sweeper.tracking.Run.
 FLUSH_EVERY_S = 1.0
 
+# The final metrics run_trial returns that a study may optimise (hydra.sweeper.objectives, or
+# optimized_metric with direction, name them); it returns the cache's counters too.
+RESULTS = ("val_acc", "best_val_acc", "test_acc", "train_time_s", "eval_time_s",
+           "time_per_epoch_s", "train_steps_s", "peak_memory_mb", "cache_fill_time_s",
+           "cache_fill_charged_s", "trainable_params", "frozen_params", "val_images")
+
 
 def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None,

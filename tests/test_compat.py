@@ -14,6 +14,7 @@ from sweeper.config import CONF_DIR, compose, task_config
 from sweeper.errors import UserError
 from sweeper.study import check_settings, make_sampler, parse_space, search, settings_in
 from sweeper.tracking import param_name
+from sweeper.trial import RESULTS, run_trial
 from tests.conftest import ROOT, TINY
 
 SWEEP_JOURNAL = "optuna-journal.log"  # where storage: null keeps a sweep's study (README)
@@ -123,6 +124,24 @@ def test_direction_without_a_metric_names_the_objectives_line(cli):
                    "hydra.sweeper.objectives", "objectives: {val_acc: maximize}")
 
 
+def test_a_metric_the_trial_does_not_return_is_named_before_any_trial(cli, outputs):
+    """lightning-hydra-template's own metric name (val/acc_best) in its file: one message
+    naming the metrics a trial returns, before Hydra makes a sweep folder."""
+    done = cli("hparams_search=mnist_optuna", "optimized_metric=val/acc_best",
+               flags=(f"--config-dir={TEMPLATE}",))
+    _fails_cleanly(done, "val/acc_best is not a metric a trial returns",
+                   "val_acc, best_val_acc, test_acc, train_time_s")
+    assert not (outputs / "multirun").exists()
+    with pytest.raises(UserError, match=r"val_accuracy is not a metric a trial returns \(did "
+                                        r"you mean val_acc\?\)"):
+        _check("+optimized_metric=val_accuracy", direction="maximize")
+
+
+def test_a_trial_returns_every_metric_a_study_may_optimise(make_cfg):
+    result = run_trial(make_cfg())
+    assert set(RESULTS) <= set(result)
+
+
 # -- each official key: honoured ------------------------------------------------------------
 
 def test_optimized_metric_and_direction_become_the_objectives():
@@ -186,7 +205,7 @@ def test_the_official_target_is_an_alias_of_this_sweeper():
      "objectives: {val_acc: maximize, train_time_s: minimize}"),
     ({"direction": ["maximize", "minimize"]}, ("+optimized_metric=val_acc",),
      "give one direction per metric"),
-    ({"direction": "up"}, ("+optimized_metric=val_acc",), "up is not one of minimize, maximize"),
+    ({"direction": "up"}, ("+optimized_metric=val_acc",), "up is not one of maximize, minimize"),
     ({}, ("+optimized_metric=val_acc",), "without hydra.sweeper.direction"),
     ({"search_space": {"model.lr": {"type": "float", "low": 0.0001, "high": 0.2},
                        "datamodule.batch_size": {"type": "categorical", "choices": [32, 64]},

@@ -33,6 +33,7 @@ from sweeper.model import check_backbone
 from sweeper.storage import StudyLock, open_storage
 from sweeper.study._settings import make_pruner, make_sampler, search
 from sweeper.study._space import parse_space
+from sweeper.trial import RESULTS
 from sweeper.validate import Rule, rule_for
 
 log = logging.getLogger("sweeper.study")
@@ -204,8 +205,8 @@ def _objectives(node: dict[str, Any], cfg: DictConfig) -> dict[str, str]:
             f"hydra.sweeper.direction={direction if len(directions) > 1 else directions[0]} "
             "does not say which metric to optimise: this sweeper names each one in "
             f"hydra.sweeper.objectives. Write under hydra.sweeper instead:\n  {line}\n(metrics "
-            "a trial returns: val_acc, best_val_acc, test_acc, train_time_s, time_per_epoch_s; on "
-            "the command line: hydra/sweeper/objectives=accuracy or accuracy_time), or keep "
+            f"a trial returns: {', '.join(RESULTS)}; on the command line: "
+            "hydra/sweeper/objectives=accuracy or accuracy_time), or keep "
             "direction and name the metric at the top level as lightning-hydra-template does: "
             f"optimized_metric: {next(iter(example))} (+optimized_metric=... on the command line).")
     if len(metrics) != len(directions):
@@ -315,6 +316,13 @@ def _check_values(settings: DictConfig, cfg: DictConfig, arguments: Sequence[str
         if str(direction) not in DIRECTIONS:
             raise UserError(f"hydra.sweeper.objectives.{name}={direction} is not valid: use "
                             "maximize or minimize.")
+    if unknown := [str(name) for name in objectives if name not in RESULTS]:
+        near = difflib.get_close_matches(unknown[0], RESULTS, n=1)
+        raise UserError(
+            f"{', '.join(unknown)} is not a metric a trial returns"
+            + (f" (did you mean {near[0]}?)" if near else "")
+            + f": the objectives (hydra.sweeper.objectives, or optimized_metric) can name "
+            f"{', '.join(RESULTS)}.")
     space = parse_space(settings.params or {}, settings.get("conditions") or {}, arguments)
     # With a config group searched (backbone=a,b), each trial's backbone is its own: its unit
     # count is checked by the trial.
