@@ -57,9 +57,10 @@ from sweeper.config import compose, task_config
 from sweeper.device import as_input, autocast, place_model, resolve_device
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import resolve_weights
+from sweeper.schedule import depth_schedule
 from sweeper.study import check_settings, make_sampler, search, settings_in
 from sweeper.tracking import Param, Tag, Tracker
-from sweeper.train import fit, make_optimizer, peak_memory_mb, reset_peak_memory
+from sweeper.train import fit, make_optimizer, peak_memory_mb, reset_peak_memory, set_learning_rates
 from sweeper.trial import adapt_batchnorm, log_inputs, run_trial, seed_everything
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,11 +128,14 @@ class NaiveBatches:
                    self.split.labels[idx].to(self.device))
 
 
-def naive_optimizer(net: FreezeNet, cfg: DictConfig, steps: int, fused: bool):
-    """The same optimizer, hyperparameters and schedule over the trainable parameters; in
-    torch's default implementation unless ``fused`` (the usual recipe never asks for it)."""
+def naive_optimizer(net: FreezeNet, cfg: DictConfig, steps_per_epoch: int, fused: bool):
+    """The same optimizer, hyperparameters and learning-rate schedule over the trainable
+    parameters; in torch's default implementation unless ``fused`` (the usual recipe never
+    asks for it)."""
     optim = OmegaConf.merge(cfg.optim, {"optimizer": {"fused": True if fused else None}})
-    return make_optimizer(net, optim, steps)
+    plan = depth_schedule(net.num_units, net.unfrozen, optim, steps_per_epoch,
+                          int(cfg.trainer.epochs))
+    return make_optimizer(net, optim), plan
 
 
 def naive_epochs(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: torch.device,
@@ -141,23 +145,24 @@ def naive_epochs(net: FreezeNet, data: data_mod.Data, cfg: DictConfig, device: t
     place_model(model, device)
     bs, n = int(cfg.trainer.batch_size), len(data.train)
     n_used = n - 1 if n % bs == 1 and n > 1 else n
-    opt, sched = naive_optimizer(net, cfg, math.ceil(n_used / bs) * int(cfg.trainer.epochs),
-                                 opts.naive_fused)
+    opt, plan = naive_optimizer(net, cfg, math.ceil(n_used / bs), opts.naive_fused)
     gen = torch.Generator().manual_seed(int(cfg.trainer.seed))
     train = NaiveBatches(data.train, data.normalize, bs, device, opts.naive_data, gen, opts.naive_workers)
     val = NaiveBatches(data.val, data.normalize, bs * 4, device, opts.naive_data, None, opts.naive_workers)
     amp = bool(cfg.trainer.amp)
     loss_fn = nn.CrossEntropyLoss()
+    step = 0
     for _ in range(int(cfg.trainer.epochs)):
         model.train()
         with timing.measure(device) as steps:
             for x, y in train:
+                set_learning_rates(opt, plan, step)
                 with autocast(device, amp):
                     loss = loss_fn(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
+                step += 1
         yield steps.s, naive_accuracy(model, val, len(data.val), device, amp)
 
 

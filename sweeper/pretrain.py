@@ -79,6 +79,10 @@ def checkpoint_key(cfg: DictConfig) -> dict:
     for k in ("name", *data_mod.check(cfg.source.dataset).location):
         source["dataset"].pop(k, None)
     source["trainer"].pop("device", None)
+    # Keys added since checkpoints were first cached, at the value that changes nothing, stay out
+    # of the key: the same pretraining keeps its checkpoint.
+    if source["optim"].get("layer_decay") == 1.0:
+        source["optim"].pop("layer_decay")
     return {"backbone": identity(cfg.backbone), "source": source}
 
 

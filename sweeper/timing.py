@@ -15,12 +15,16 @@ train_time_s           what training the configuration costs on its own: the sum
                        ``epoch_time_s``, plus the recorded fill cost of the cached inputs it
                        trained on, plus ``bn_stats_time_s``, plus on a GPU the one copy of the
                        train rows to the device where they stay for the trial
-                       (:mod:`sweeper.device`); so it does not depend on which trials filled
-                       the cache before
+                       (:mod:`sweeper.device`), plus ``switch_time_s``; so it does not depend
+                       on which trials filled the cache before
 eval_time_s            the val evaluation after every epoch, plus the recorded fill cost of the
-                       cached val inputs and their one copy to the GPU (the final test
-                       evaluation is not counted)
+                       cached val inputs and their one copy to the GPU, plus the val part of
+                       every switch (the final test evaluation is not counted)
 time_per_epoch_s       ``train_time_s`` / epochs
+switch_time_s          the freeze strategy's changes of the trainable units mid-run
+                       (``progressive``, ``gradual``): the model, the optimizer, and the train
+                       rows at the new cut (a per-run entry's fill, measured; a shared entry is
+                       charged its recorded cost instead, once: see below)
 bn_stats_time_s        re-estimating the frozen BatchNorm statistics (``freeze.bn_stats=target``)
 cache_fill_time_s      time this trial actually spent filling cache entries (0 when all were
                        found)
@@ -34,7 +38,10 @@ overhead_per_trial_s   on a study's parent run: what its trials spent outside th
 ``run_trial`` also returns ``train_steps_s``: the sum of ``epoch_time_s``, without charges. The
 recorded fill cost of a cache entry is the measured time of computing it from the images; for
 an entry derived from a shallower one, the parent's recorded cost plus the derivation
-(:func:`fill_cost`).
+(:func:`fill_cost`). A run that moves through several shared entries of a split (gradual
+unfreezing: the head's cut first, then shallower ones) is charged the largest of their
+recorded costs: one pass through the deepest prefix yields the rows at every shallower cut
+on the way, which is what training that schedule alone would compute.
 
 A trial's *overhead* is the rest of its wall time, from the moment the sweep asks Optuna for
 it to the moment its result is recorded: composing its config, building its model and feeds
@@ -49,8 +56,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+
+class Recut(Protocol):
+    """What a switch of the trainable units cost the feeds (:class:`sweeper.feeds.Recut`)."""
+
+    val_s: float
+    train_shared_s: float
+    val_shared_s: float
+    train_fill_s: float
+    val_fill_s: float
+    filled_s: float
 
 
 def sync(device: torch.device | None) -> None:
@@ -107,22 +126,39 @@ class TrialTime:
     pretrain_s: float = 0.0  # source pretraining this run had to do first (once per checkpoint)
     steps_s: list[float] = field(default_factory=list)  # each epoch's training steps
     eval_s: list[float] = field(default_factory=list)  # each epoch's val evaluation
+    switch_s: list[float] = field(default_factory=list)  # each switch of the trainable units
+    val_switch_s: float = 0.0  # ... the val rows' part of the switches
 
     def add_epoch(self, steps_s: float, eval_s: float) -> None:
         self.steps_s.append(steps_s)
         self.eval_s.append(eval_s)
+
+    def add_switch(self, spent_s: float, recut: Recut) -> None:
+        """A switch of the trainable units that took ``spent_s`` in all, ``recut`` of it on the
+        feeds: time on shared entries is replaced by their recorded cost (the largest of a
+        split's), the val rows' part is evaluation's."""
+        self.switch_s.append(spent_s - recut.val_s - recut.train_shared_s)
+        self.val_switch_s += recut.val_s - recut.val_shared_s
+        self.train_fill_s = max(self.train_fill_s, recut.train_fill_s)
+        self.val_fill_s = max(self.val_fill_s, recut.val_fill_s)
+        self.filled_s += recut.filled_s
 
     @property
     def train_steps_s(self) -> float:
         return sum(self.steps_s)
 
     @property
+    def switch_time_s(self) -> float:
+        return sum(self.switch_s)
+
+    @property
     def train_time_s(self) -> float:
-        return self.train_steps_s + self.train_fill_s + (self.bn_stats_s or 0.0) + self.train_copy_s
+        return (self.train_steps_s + self.train_fill_s + (self.bn_stats_s or 0.0) + self.train_copy_s
+                + self.switch_time_s)
 
     @property
     def eval_time_s(self) -> float:
-        return sum(self.eval_s) + self.val_fill_s + self.val_copy_s
+        return sum(self.eval_s) + self.val_fill_s + self.val_copy_s + self.val_switch_s
 
     @property
     def time_per_epoch_s(self) -> float:
@@ -138,7 +174,7 @@ class TrialTime:
     def totals(self) -> dict[str, float]:
         """The final time metrics of the run (see the table above)."""
         return {"train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s,
-                "time_per_epoch_s": self.time_per_epoch_s}
+                "time_per_epoch_s": self.time_per_epoch_s, "switch_time_s": self.switch_time_s}
 
     def cache_metrics(self) -> dict[str, float]:
         """What the cache cost this run, spent and charged."""

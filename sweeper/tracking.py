@@ -59,6 +59,7 @@ class Tag(StrEnum):
     WEIGHTS = "weights"  # where the backbone's weights came from
     PRETRAIN_RUN_ID = "pretrain_run_id"
     CHECKPOINT = "checkpoint"
+    SCHEDULE = "freeze.schedule"  # which units train from which step (sweeper.schedule.describe)
 
 
 class Kind(StrEnum):
@@ -96,6 +97,7 @@ class Param(StrEnum):
     """Config keys that readers of trial runs (report, re-run, benchmark) look up in a run's
     params: a param's name is its dotted config key (:func:`config_params`)."""
 
+    STRATEGY = "freeze.strategy"  # depth | progressive | gradual (runs from before: depth)
     UNFROZEN = "freeze.unfrozen"
     TRANSFERRED = "freeze.transferred"
     NUM_UNITS = "backbone.num_units"
@@ -319,13 +321,15 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def trial_run_name(backbone: str, dataset: str, unfrozen: int,
-                   number: int | str | None = None) -> str:
+                   number: int | str | None = None, strategy: str = "depth") -> str:
     """A trial run's name: in a study ``t007-resnet18-u5`` (the trial number first: names are
     unique and sort in trial order in the MLflow UI, and stay short enough not to be cut),
-    else ``resnet18-fashion_mnist-unfrozen5``."""
+    else ``resnet18-fashion_mnist-unfrozen5``; a freeze strategy other than ``depth`` comes
+    before the depth (``t007-resnet18-progressive-u5``)."""
+    how = "" if strategy == "depth" else f"{strategy}-"
     if number is not None:
-        return f"t{int(number):03d}-{backbone}-u{int(unfrozen)}"
-    return f"{backbone}-{dataset}-unfrozen{int(unfrozen)}"
+        return f"t{int(number):03d}-{backbone}-{how}u{int(unfrozen)}"
+    return f"{backbone}-{dataset}-{how}unfrozen{int(unfrozen)}"
 
 
 class Tracker:

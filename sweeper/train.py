@@ -1,8 +1,10 @@
 """The training loop: the trainable suffix on its feeds, evaluated on val after every epoch.
 
-One readable loop (:func:`fit`): batch, forward under autocast, backward, optimizer step; the
-epoch's training steps and its evaluation are timed by :mod:`sweeper.timing`, which defines
-every time metric. On a GPU the train and val rows are placed once per trial
+One readable loop (:func:`fit`): at the top of each step the freeze strategy's schedule
+(:mod:`sweeper.schedule`) says how many units train, and when that changes the model, its
+optimizer and the feeds follow; then batch, forward under autocast, backward, optimizer step.
+The epoch's training steps, the switches and the evaluation are timed by :mod:`sweeper.timing`,
+which defines every time metric. On a GPU the train and val rows are placed once per trial
 (:mod:`sweeper.device`), and nothing in the step loop waits for the GPU: losses and accuracies
 are summed on the device and read once per epoch.
 """
@@ -22,10 +24,11 @@ from torch import nn
 
 from sweeper import timing
 from sweeper.data import Data, Normalize, Split
-from sweeper.device import autocast, rows_budget
+from sweeper.device import autocast
 from sweeper.errors import UserError
 from sweeper.feeds import Feed, Feeds, image_feed
 from sweeper.model import FreezeNet
+from sweeper.schedule import Schedule, check_layer_decay, depth_schedule
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,15 @@ class EpochStats:
     epoch_time_s: float  # training steps only
     eval_time_s: float
     images_per_s: float
+    trainable_units: int  # backbone units trained in the epoch (at its first step)
+    trainable_params: int  # ... and the parameters they and the head hold
 
     def metrics(self) -> dict[str, float]:
         """The per-epoch metrics of a run (MLflow step = epoch)."""
         return {"train_loss": self.train_loss, "train_acc": self.train_acc,
                 "val_acc": self.val_acc, "epoch_time_s": self.epoch_time_s,
-                "images_per_s": self.images_per_s}
+                "images_per_s": self.images_per_s, "trainable_units": self.trainable_units,
+                "trainable_params": self.trainable_params}
 
 
 @dataclass
@@ -86,21 +92,43 @@ def evaluate(model: FreezeNet, split: Split | Feed, normalize: Normalize, device
     return correct.item() / len(feed)
 
 
-SCHEDULES = ("cosine", "constant")  # optim.schedule
+def make_optimizer(model: FreezeNet, optim: DictConfig) -> torch.optim.Optimizer:
+    """The configured torch optimizer over trainable parameters only: the head's group and one
+    group per trainable unit, at ``optim.lr_backbone`` times ``optim.layer_decay`` per unit
+    below the top (:meth:`FreezeNet.param_groups`); :func:`set_learning_rates` schedules them."""
+    groups = model.param_groups(float(optim.lr_head), float(optim.lr_backbone),
+                                check_layer_decay(optim))
+    return instantiate(optim.optimizer)(groups, lr=float(optim.lr_head),
+                                        weight_decay=float(optim.weight_decay))
 
 
-def make_optimizer(model: FreezeNet, optim: DictConfig, steps: int):
-    """The configured torch optimizer over trainable parameters only, and its LR schedule."""
-    groups = model.param_groups(float(optim.lr_head), float(optim.lr_backbone))
-    opt = instantiate(optim.optimizer)(groups, lr=float(optim.lr_head),
-                                       weight_decay=float(optim.weight_decay))
-    if optim.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    elif optim.schedule == "constant":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    else:
-        raise UserError(f"optim.schedule={optim.schedule!r}: use one of {', '.join(SCHEDULES)}.")
-    return opt, sched
+def set_learning_rates(opt: torch.optim.Optimizer, schedule: Schedule, step: int) -> None:
+    """Every group's rate at ``step``: its base rate times the schedule's factor for its unit."""
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * schedule.lr_factor(group["unit"], step)
+
+
+def follow_units(opt: torch.optim.Optimizer, model: FreezeNet, optim: DictConfig) -> None:
+    """Make ``opt`` hold exactly the model's trainable units, after the cut moved.
+
+    A unit that froze leaves with its optimizer state (momentum, Adam moments); a unit that
+    was unfrozen joins with a fresh one; the other groups and their state stay as they are.
+    """
+    trainable = set(range(model.cut, model.num_units))
+    for group in [g for g in opt.param_groups if g["unit"] is not None and g["unit"] not in trainable]:
+        for p in group["params"]:
+            opt.state.pop(p, None)
+        opt.param_groups.remove(group)
+    present = {g["unit"] for g in opt.param_groups}
+    for i in sorted(trainable - present):
+        opt.add_param_group(model.unit_group(i, float(optim.lr_backbone), check_layer_decay(optim)))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> tuple[int, int]:
+    """(images an epoch trains on, optimizer steps per epoch) for ``n`` training images: a
+    trailing batch of one image breaks BatchNorm in train mode, so it is dropped."""
+    n_used = n - 1 if n % batch_size == 1 and n > 1 else n
+    return n_used, math.ceil(n_used / batch_size)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -120,54 +148,65 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
         device: torch.device, on_epoch: Callable[[EpochStats], None] | None = None,
-        feeds: Feeds | None = None, time: timing.TrialTime | None = None) -> FitResult:
+        feeds: Feeds | None = None, time: timing.TrialTime | None = None,
+        schedule: Schedule | None = None) -> FitResult:
     """Train ``model`` on ``data.train`` for ``trainer.epochs``, evaluating on val each epoch.
 
     ``on_epoch`` is called after every epoch with its stats (for logging, progress and
     pruning: it may raise to stop the trial). ``feeds`` says how train and val reach the
     trainable suffix (:func:`sweeper.feeds.for_trial`: cached frozen-prefix outputs, or images
     through the frozen prefix); without it, images run through the whole model every step.
-    ``time`` collects the epochs' times (default: charged the feeds' fill costs only).
+    ``schedule`` says which units train at each step (:mod:`sweeper.schedule`; default: the
+    model's frozen prefix for the whole run). ``time`` collects the epochs' times (default:
+    charged the feeds' fill costs only).
     """
-    bs, n = int(trainer.batch_size), len(data.train)
-    # A trailing batch of one image breaks BatchNorm in train mode: drop it.
-    n_used = n - 1 if n % bs == 1 and n > 1 else n
-    steps_per_epoch = math.ceil(n_used / bs)
-    opt, sched = make_optimizer(model, optim, steps_per_epoch * int(trainer.epochs))
+    bs, epochs, n = int(trainer.batch_size), int(trainer.epochs), len(data.train)
+    n_used, per_epoch = steps_per_epoch(n, bs)
+    if schedule is None:
+        schedule = depth_schedule(model.num_units, model.unfrozen, optim, per_epoch, epochs)
+    model.set_unfrozen(schedule.unfrozen(0))
+    opt = make_optimizer(model, optim)
     normalize = data.normalize.to(device)
     if feeds is None:
         feeds = Feeds(*(image_feed(model, s, normalize) for s in (data.train, data.val, data.test)))
     result = FitResult(time if time is not None else feeds.time())
     # Rows every epoch reads go to the GPU once where they fit (train first), not per batch.
-    budget = rows_budget(device, feeds.device_budget_mb)
-    with timing.measure(device) as copy:
-        train = feeds.train.on(device, budget)
-    result.time.train_copy_s = copy.s
-    if train is not feeds.train:
-        budget -= train.size_bytes
-    with timing.measure(device) as copy:
-        val = feeds.val.on(device, budget)
-    result.time.val_copy_s = copy.s
+    result.time.train_copy_s, result.time.val_copy_s = feeds.place(device, model.cut)
     # The trainable suffix is all autograd sees; compiling it is optional (trainer.compile).
     suffix = torch.compile(model.forward_trainable) if trainer.get("compile") else model.forward_trainable
     gen = torch.Generator().manual_seed(int(trainer.seed))
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(int(trainer.epochs)):
+    for epoch in range(epochs):
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
+        switch_s = 0.0
         with timing.measure(device) as steps:
-            order = torch.randperm(n, generator=gen)[:n_used].to(train.rows.device)
-            for start in range(0, n_used, bs):
+            order = torch.randperm(n, generator=gen)[:n_used].to(feeds.train.rows.device)
+            for i, start in enumerate(range(0, n_used, bs)):
+                step = epoch * per_epoch + i
+                if schedule.unfrozen(step) != model.unfrozen:
+                    # The strategy moves the cut: the model, its optimizer and the feeds follow
+                    # (timed apart from the steps; a per-run cache entry only if an epoch is left).
+                    with timing.measure(device) as switch:
+                        model.set_unfrozen(schedule.unfrozen(step))
+                        follow_units(opt, model, optim)
+                        recut = feeds.follow(model, schedule.steps - step >= per_epoch)
+                    result.time.add_switch(switch.s, recut)
+                    switch_s += switch.s
+                    order = order.to(feeds.train.rows.device)
+                    log.info("step %d: %d units train (%s)", step, model.unfrozen, feeds.train.source)
+                if i == 0:  # what this epoch trains (after the switch at its start, if any)
+                    trained = (model.unfrozen, model.count_parameters()[0])
+                set_learning_rates(opt, schedule, step)
                 # x: cached prefix outputs, or images that prepare() runs through the frozen prefix
-                x, y = train.batch(order[start:start + bs], device)
+                x, y = feeds.train.batch(order[start:start + bs], device)
                 with autocast(device, bool(trainer.amp)):
-                    logits = suffix(train.prepare(x))
+                    logits = suffix(feeds.train.prepare(x))
                     loss = loss_fn(logits, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
         train_loss = loss_sum.item() / n_used
@@ -178,14 +217,15 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
                 f"optim.lr_backbone={optim.lr_backbone})."
             )
         with timing.measure(device) as evaluation:
-            val_acc = evaluate(model, val, normalize, device, bs * 4, bool(trainer.amp))
-        result.time.add_epoch(steps.s, evaluation.s)
-        stats = EpochStats(epoch + 1, train_loss, correct.item() / n_used, val_acc, steps.s,
-                           evaluation.s, timing.images_per_s(n_used, steps.s))
+            val_acc = evaluate(model, feeds.val, normalize, device, bs * 4, bool(trainer.amp))
+        epoch_s = steps.s - switch_s
+        result.time.add_epoch(epoch_s, evaluation.s)
+        stats = EpochStats(epoch + 1, train_loss, correct.item() / n_used, val_acc, epoch_s,
+                           evaluation.s, timing.images_per_s(n_used, epoch_s), *trained)
         result.epochs.append(stats)
-        log.info("epoch %d/%d  loss %.4f  train_acc %.3f  val_acc %.3f  %.2fs  %.0f img/s",
-                 stats.epoch, trainer.epochs, stats.train_loss, stats.train_acc, stats.val_acc,
-                 stats.epoch_time_s, stats.images_per_s)
+        log.info("epoch %d/%d  loss %.4f  train_acc %.3f  val_acc %.3f  %.2fs  %.0f img/s  "
+                 "%d units", stats.epoch, epochs, stats.train_loss, stats.train_acc, stats.val_acc,
+                 stats.epoch_time_s, stats.images_per_s, stats.trainable_units)
         if on_epoch is not None:
             on_epoch(stats)
     return result

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import data as data_mod
-from sweeper import feeds, timing
+from sweeper import feeds, schedule, timing
 from sweeper.device import as_input, configure, gather, place_model, resolve_device
 from sweeper.errors import Interrupted
 from sweeper.model import FreezeNet, build
@@ -36,7 +36,14 @@ from sweeper.tracking import (
     train_command,
     trial_run_name,
 )
-from sweeper.train import EpochStats, evaluate, fit, peak_memory_mb, reset_peak_memory
+from sweeper.train import (
+    EpochStats,
+    evaluate,
+    fit,
+    peak_memory_mb,
+    reset_peak_memory,
+    steps_per_epoch,
+)
 from sweeper.validate import check_config
 
 log = logging.getLogger(__name__)
@@ -96,7 +103,8 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
               on_epoch: Callable[[EpochStats], None] | None = None,
               time: timing.TrialTime | None = None,
               keep: StateStore | None = None) -> dict[str, Any]:
-    """Train and evaluate one freeze depth as described by ``cfg``; log it as one MLflow run.
+    """Train and evaluate one freeze depth or strategy as described by ``cfg``; log it as one
+    MLflow run.
 
     Returns the objectives (``val_acc``, ``train_time_s``) and the other final metrics, plus
     ``run_id``. ``on_epoch`` sees every epoch's stats and may raise ``optuna.TrialPruned`` to
@@ -109,11 +117,12 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     evaluates the test set of the trials its report needs when it ends, :func:`evaluate_kept`).
     """
     check_config(cfg)  # again: a config composed in code did not pass Hydra's callback
+    strategy = schedule.strategy_of(cfg.freeze)  # checked with its parameters by check_config
     device = resolve_device(str(cfg.trainer.device))
     overrides, flags, hydra_dir = _hydra_context()
     run = Tracker(cfg.tracking).start(
         trial_run_name(str(cfg.backbone.name), str(cfg.dataset.name), int(cfg.freeze.unfrozen),
-                       (tags or {}).get(Tag.TRIAL)),
+                       (tags or {}).get(Tag.TRIAL), strategy),
         tags={Tag.KIND: Kind.TRIAL, **(tags or {}), **input_tags(overrides, flags)},
         parent_run_id=parent_run_id, flush_every_s=FLUSH_EVERY_S)
     time = time if time is not None else timing.TrialTime()
@@ -144,7 +153,12 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
         run.metrics({"skipped_images": len(data.skipped)})
         run.text("\n".join(data.skipped) + "\n", "skipped_images.txt")
     time.pretrain_s = pretrain_if_needed(cfg)
-    model, origin = build_model(cfg, len(data.classes), device)
+    # Which units train at each step: the freeze strategy's schedule, for this data's steps.
+    plan = schedule.build(cfg.freeze, cfg.optim, int(cfg.backbone.num_units),
+                          steps_per_epoch(len(data.train), int(cfg.trainer.batch_size))[1],
+                          int(cfg.trainer.epochs))
+    run.tags({Tag.SCHEDULE: schedule.describe(plan)})
+    model, origin = build_model(cfg, len(data.classes), device, plan.unfrozen(0))
     run.tags(_origin_tags(origin))
     trainable, frozen = model.count_parameters()
     params = {"trainable_params": trainable, "frozen_params": frozen, "val_images": len(data.val)}
@@ -154,8 +168,10 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
     if bn_s is not None:
         run.metrics({"bn_stats_time_s": bn_s})
     # Frozen-prefix outputs computed once (or found) here; the trial is charged their cost.
+    # Test is fed at the lowest cut of the run, so that it fits the model at the end.
     fed = feeds.for_trial(model, data, cfg.get("cache"), data_mod.augment(cfg.get("augment")),
-                          device, bool(cfg.trainer.amp), test=keep is None)
+                          device, bool(cfg.trainer.amp), test=keep is None,
+                          test_cut=plan.lowest_cut())
     fed.charge(time)
     time.bn_stats_s = bn_s
     run.tags(fed.tags())
@@ -168,15 +184,25 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
             on_epoch(s)
 
     result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=fed,
-                 time=time)
+                 time=time, schedule=plan)
     final = {"val_acc": result.val_acc, "best_val_acc": result.best_val_acc}
     if keep is None:
         final["test_acc"] = evaluate(model, fed.test, data.normalize.to(device), device,
                                      _eval_batch(cfg), bool(cfg.trainer.amp))
     else:
-        keep.save(run.run_id, model, cfg, fed.frozen_digests)
+        # Kept as evaluate_kept rebuilds it: every unit the run trained is part of the kept
+        # state, also those a strategy froze again before the end (their weights are this
+        # run's); the units below never trained and have their pretrained weights.
+        model.set_unfrozen(model.num_units - plan.lowest_cut())
+        digests = fed.frozen_digests
+        keep.save(run.run_id, model, cfg,
+                  digests[:model.cut] if digests is not None and len(digests) >= model.cut
+                  else None)
     final.update({**time.totals(), "peak_memory_mb": peak_memory_mb(device)})
     run.metrics(final, step=len(result.epochs))
+    # The most parameters that trained at once (for a fixed depth: all along).
+    most = max(e.trainable_params for e in result.epochs)
+    params = {"trainable_params": most, "frozen_params": trainable + frozen - most}
     return {**final, **cache_metrics, **params, "train_steps_s": time.train_steps_s}
 
 
@@ -185,13 +211,18 @@ def _eval_batch(cfg: DictConfig) -> int:
     return int(cfg.trainer.batch_size) * 4
 
 
-def build_model(cfg: DictConfig, num_classes: int,
-                device: torch.device) -> tuple[FreezeNet, str]:
-    """The trial's model on ``device`` as ``cfg`` describes it before training, and the origin
-    of its weights (tag ``weights``). The same config always gives the same model."""
+def build_model(cfg: DictConfig, num_classes: int, device: torch.device,
+                unfrozen: int | None = None) -> tuple[FreezeNet, str]:
+    """The trial's model on ``device`` as ``cfg`` describes it before training, with its last
+    ``unfrozen`` units trainable (default: every unit its freeze strategy ever trains,
+    :func:`sweeper.schedule.trained_units`), and the origin of its weights (tag ``weights``).
+    The same config always gives the same model."""
+    if unfrozen is None:
+        unfrozen = schedule.trained_units(cfg.freeze, cfg.optim, int(cfg.backbone.num_units),
+                                          int(cfg.trainer.epochs))
     state, origin = resolve_weights(cfg)
     torch.manual_seed(int(cfg.trainer.seed))  # same head init whatever pretraining consumed
-    model, _ = build(cfg.backbone, num_classes, int(cfg.freeze.unfrozen), state, origin,
+    model, _ = build(cfg.backbone, num_classes, unfrozen, state, origin,
                      transferred=cfg.freeze.get("transferred"))
     return place_model(model, device), origin
 

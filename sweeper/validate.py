@@ -28,13 +28,13 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sweeper import data as data_mod
+from sweeper import schedule
 from sweeper.device import resolve_device
 from sweeper.errors import UserError
 from sweeper.feeds import CACHE_DTYPES, CACHE_MODES, check_cache
 from sweeper.model import check_backbone, check_input
 from sweeper.pretrain import names_a_file
 from sweeper.tracking import check_store
-from sweeper.train import SCHEDULES
 
 _ABSENT = object()
 
@@ -141,7 +141,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("lr_head", "float", low=0, hint="the new head's learning rate"),
         Rule("lr_backbone", "float", low=0, hint="the trained backbone units' learning rate"),
         Rule("weight_decay", "float", low=0),
-        Rule("schedule", "choice", choices=SCHEDULES),
+        Rule("schedule", "choice", choices=schedule.LR_SHAPES),
     ),
     "trainer": (
         Rule("epochs", "int", low=1),
@@ -318,6 +318,9 @@ def check_paths(cfg: DictConfig) -> None:
 
 COMBINATIONS: tuple[Callable[[DictConfig], None], ...] = (
     lambda cfg: check_backbone(cfg.backbone, cfg.freeze.unfrozen, cfg.freeze.get("transferred")),
+    # the freeze strategy's parameters, for this backbone and number of epochs
+    lambda cfg: schedule.check(cfg.freeze, int(cfg.backbone.num_units), int(cfg.trainer.epochs)),
+    lambda cfg: schedule.check_layer_decay(cfg.optim),
     lambda cfg: _check_dataset(cfg.dataset),
     lambda cfg: check_input(cfg.backbone, int(cfg.dataset.image_size), "dataset.image_size"),
     _check_weights,

@@ -25,12 +25,14 @@ depend on which trials ran before.
 """
 
 from sweeper.feeds._entries import DTYPES as CACHE_DTYPES
-from sweeper.feeds._feed import Feed, Feeds, image_feed
+from sweeper.feeds._feed import Feed, image_feed
+from sweeper.feeds._feeds import Feeds, Recut
 from sweeper.feeds._fill import prefix_outputs
 from sweeper.feeds._keys import Prefix, split_digest, unit_digest
 from sweeper.feeds._memory import MEMORY
 from sweeper.feeds._policy import MODES as CACHE_MODES
 from sweeper.feeds._policy import check_cache, for_trial, test_feed
 
-__all__ = ["CACHE_DTYPES", "CACHE_MODES", "MEMORY", "Feed", "Feeds", "Prefix", "check_cache",
-           "for_trial", "image_feed", "prefix_outputs", "split_digest", "test_feed", "unit_digest"]
+__all__ = ["CACHE_DTYPES", "CACHE_MODES", "MEMORY", "Feed", "Feeds", "Prefix", "Recut",
+           "check_cache", "for_trial", "image_feed", "prefix_outputs", "split_digest",
+           "test_feed", "unit_digest"]

@@ -1,8 +1,10 @@
-"""What the training loop consumes: a :class:`Feed` per split, cached rows or images.
+"""What the training loop consumes for one split: a :class:`Feed`, cached rows or images.
 
-``prepare(rows[idx])`` is ``FreezeNet.forward_trainable``'s input: cached frozen-prefix
-outputs cast to float, or uint8 images run through normalisation, augmentation and the
-frozen prefix every step. Where the rows live during a trial, and how a batch reaches the
+``prepare(rows[idx])`` is ``FreezeNet.forward_trainable``'s input: the rows are the input of
+unit ``cut`` (cached frozen-prefix outputs there, or uint8 images at cut 0), and ``prepare``
+runs them through whatever frozen units lie between ``cut`` and the model's cut (none, unless
+a freeze strategy has moved the cut since: :mod:`sweeper.feeds._feeds`), after normalisation
+and augmentation for images. Where the rows live during a trial, and how a batch reaches the
 training device, is :mod:`sweeper.device`'s decision.
 """
 
@@ -13,10 +15,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sweeper import timing
 from sweeper.data import Augment, Normalize, Split
 from sweeper.device import as_input, gather, keep_on_device, upload
-from sweeper.feeds._memory import MEMORY
 from sweeper.model import FreezeNet
 
 
@@ -24,17 +24,19 @@ from sweeper.model import FreezeNet
 class Feed:
     """One split as the loop consumes it: ``prepare(rows[idx])`` is ``forward_trainable``'s input.
 
-    ``rows`` are cached prefix outputs (``prepare`` casts them to float) or uint8 images
-    (``prepare`` normalises, augments and runs the frozen prefix).
+    ``rows`` are the inputs of unit ``cut``: cached prefix outputs (``prepare`` casts them to
+    float and runs any frozen units from ``cut`` on) or uint8 images at cut 0 (``prepare``
+    normalises, augments and runs the frozen prefix).
     """
 
     rows: torch.Tensor
     labels: torch.Tensor
     prepare: Callable[[torch.Tensor], torch.Tensor]
-    source: str  # how the rows came to be: "images ...", "hit ...", "filled", "derived ..."
+    source: str  # how the rows came to be: "images ...", "hit ...", "filled", "derived ...", "run ..."
     fill_time_s: float = 0.0  # recorded cost of computing cached rows from the images, charged
     nbytes: int = 0
     mapped: bool = False  # rows are memory-mapped from the entry's file
+    cut: int = 0  # the rows are the input of this unit (0: images)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -66,50 +68,6 @@ class Feed:
             yield self.batch(slice(start, start + batch_size), device)
 
 
-@dataclass
-class Feeds:
-    """A trial's splits as the loop consumes them; ``test`` is None when the trial leaves its
-    test evaluation to later (a study evaluates only the trials its report needs)."""
-
-    train: Feed
-    val: Feed
-    test: Feed | None
-    filled_s: float = 0.0  # time this trial actually spent filling entries
-    device_budget_mb: float | None = None  # cache.device_budget_mb: None = sweeper.device's rule
-    frozen_digests: list[str] | None = None  # unit_digest of each frozen unit, when computed
-
-    def _feeds(self) -> list[Feed]:
-        return [f for f in (self.train, self.val, self.test) if f is not None]
-
-    def time(self) -> timing.TrialTime:
-        """A trial's time, charged the recorded fill costs of these feeds' entries."""
-        return self.charge(timing.TrialTime())
-
-    def charge(self, time: timing.TrialTime) -> timing.TrialTime:
-        """``time`` charged the recorded fill costs of these feeds' entries (and returned)."""
-        time.train_fill_s = self.train.fill_time_s
-        time.val_fill_s = self.val.fill_time_s
-        time.test_fill_s = self.test.fill_time_s if self.test is not None else 0.0
-        time.filled_s = self.filled_s
-        return time
-
-    def tags(self) -> dict[str, str]:
-        return {f"cache.{name}": feed.source for name, feed in
-                (("train", self.train), ("val", self.val), ("test", self.test))
-                if feed is not None}
-
-    def metrics(self) -> dict[str, float]:
-        """What the cache holds for this trial (its time metrics: :meth:`time`)."""
-        feeds = self._feeds()
-        return {
-            "cache_hits": sum(f.source.startswith("hit") for f in feeds),
-            "cache_entries": sum(f.cached for f in feeds),
-            "cache_bytes": sum(f.nbytes for f in feeds),
-            "cache_mapped_bytes": sum(f.nbytes for f in feeds if f.mapped),
-            "cache_memory_bytes": MEMORY.nbytes,
-        }
-
-
 def _image_prepare(model: FreezeNet, normalize: Normalize,
                    augment: Augment | None) -> Callable[[torch.Tensor], torch.Tensor]:
     def prepare(x: torch.Tensor) -> torch.Tensor:
@@ -125,3 +83,10 @@ def image_feed(model: FreezeNet, split: Split, normalize: Normalize,
     on the batch's device."""
     source = f"images ({why})" if why else "images"
     return Feed(split.images, split.labels, _image_prepare(model, normalize, augment), source)
+
+
+def rows_prepare(model: FreezeNet, cut: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``prepare`` of rows cached at ``cut``: as float input, through the units frozen since."""
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_frozen(as_input(x), start=cut)
+    return prepare

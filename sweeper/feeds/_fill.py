@@ -21,7 +21,7 @@ from torch import nn
 from sweeper import timing
 from sweeper.device import as_input, autocast, gather
 from sweeper.feeds import _entries as entries
-from sweeper.feeds._feed import Feed
+from sweeper.feeds._feed import Feed, rows_prepare
 from sweeper.feeds._keys import Prefix
 from sweeper.feeds._memory import MEMORY
 
@@ -32,9 +32,11 @@ FILL_BATCH = 256
 
 @torch.no_grad()
 def _run_units(units: list[nn.Module], rows: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
-               device: torch.device, amp: bool, dtype: torch.dtype) -> torch.Tensor:
-    """``units`` applied to ``prepare(rows)`` in batches on ``device``, gathered on the CPU as
-    ``dtype`` (cast on the device: fewer bytes cross to the host)."""
+               device: torch.device, amp: bool, dtype: torch.dtype,
+               out_device: torch.device | None = None) -> torch.Tensor:
+    """``units`` applied to ``prepare(rows)`` in batches on ``device``, gathered on
+    ``out_device`` (default: the CPU) as ``dtype`` (cast on the device: fewer bytes cross to
+    the host)."""
     assert not any(u.training for u in units), "frozen units must be in eval mode"
     out = None
     for start in range(0, len(rows), FILL_BATCH):
@@ -44,9 +46,16 @@ def _run_units(units: list[nn.Module], rows: torch.Tensor, prepare: Callable[[to
             for unit in units:
                 x = unit(x)
         if out is None:
-            out = torch.empty((len(rows), *x.shape[1:]), dtype=dtype)
+            out = torch.empty((len(rows), *x.shape[1:]), dtype=dtype, device=out_device or "cpu")
         out[start:start + len(x)].copy_(x.to(dtype))
     return out
+
+
+def run_rows(feed: Feed, device: torch.device, amp: bool, dtype: torch.dtype,
+             out_device: torch.device) -> torch.Tensor:
+    """``feed.prepare`` over all of ``feed``'s rows, in batches on ``device``: its rows carried
+    through the units frozen since they were computed, as ``dtype`` on ``out_device``."""
+    return _run_units([], feed.rows, feed.prepare, device, amp, dtype, out_device)
 
 
 def _find_parent(prefix: Prefix, cut: int, directory: Path) -> tuple[int, torch.Tensor, dict] | None:
@@ -96,7 +105,8 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, flo
     labels = prefix.split.labels
     if (hit := MEMORY.get(key)) is not None:
         rows, meta = hit
-        return Feed(rows, labels, as_input, "hit (memory)", meta["fill_time_s"], meta["nbytes"]), 0.0
+        return Feed(rows, labels, rows_prepare(prefix.model, cut), "hit (memory)",
+                    meta["fill_time_s"], meta["nbytes"], cut=cut), 0.0
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{key}.feat"
     rows, how, spent, mapped = None, "hit (disk)", 0.0, False
@@ -116,4 +126,5 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, flo
     if not mapped and not MEMORY.put(key, rows, meta):
         rows, meta = entries.read(path, key, in_memory=False)  # over the budget: serve it from the file
         mapped = True
-    return Feed(rows, labels, as_input, how, meta["fill_time_s"], meta["nbytes"], mapped), spent
+    return Feed(rows, labels, rows_prepare(prefix.model, cut), how, meta["fill_time_s"],
+                meta["nbytes"], mapped, cut), spent

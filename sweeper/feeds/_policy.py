@@ -8,12 +8,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sweeper.data import Augment, Data, Split
+from sweeper.data import Augment, Data
 from sweeper.errors import UserError
 from sweeper.feeds._entries import DTYPES
-from sweeper.feeds._feed import Feed, Feeds, image_feed
-from sweeper.feeds._fill import prefix_outputs
-from sweeper.feeds._keys import Prefix, split_digest, unit_digest
+from sweeper.feeds._feed import Feed
+from sweeper.feeds._feeds import SPLITS, Feeds, Source
 from sweeper.feeds._memory import MEMORY
 from sweeper.model import FreezeNet
 
@@ -45,20 +44,30 @@ def check_cache(cache: DictConfig | None, augment: Augment | None) -> str:
 
 
 def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augment | None,
-              device: torch.device, amp: bool = False, test: bool = True) -> Feeds:
+              device: torch.device, amp: bool = False, test: bool = True,
+              test_cut: int | None = None) -> Feeds:
     """How a trial's train, val and test splits reach ``model.forward_trainable``.
 
     ``cache.mode=auto`` caches what is deterministic: val and test always, train unless
     ``augment`` is random (then train runs through the frozen prefix every step, and the
     reason is logged); ``on`` is the same but a random train transform is a config error;
     ``off`` never caches. Fills and hits are timed and described for the trial's run.
-    ``cache.device_budget_mb`` caps the rows the trial keeps on a GPU (:meth:`Feed.on`).
-    ``test=False`` leaves the test split out (``Feeds.test`` is None): nothing is filled for it.
+    ``cache.device_budget_mb`` caps the rows the trial keeps on a GPU (:meth:`Feeds.place`).
+    Train and val are fed at the model's cut, test at ``test_cut`` (default: the same), the
+    lowest cut a freeze strategy reaches in the run; :meth:`Feeds.follow` moves train and val
+    with the cut. ``test=False`` leaves the test split out (``Feeds.test`` is None): nothing
+    is filled for it.
     """
-    names = ("train", "val", "test") if test else ("train", "val")
-    out, filled_s, units = _feeds(model, data, cache, augment, device, amp, names)
+    budget_mb = _device_budget_mb(cache)
+    names = SPLITS if test else ("train", "val")
+    source, out, filled_s = _feeds(model, data, cache, augment, device, amp, names, test_cut)
+    # The digests of the units frozen at the start (a shared entry's key has them; the first
+    # entry made is at the highest cut the run starts from).
+    units = next(iter(source.prefixes.values())).units if source.prefixes else (
+        [] if model.cut == 0 else None)
     return Feeds(out["train"], out["val"], out.get("test"), filled_s=filled_s,
-                 frozen_digests=units, device_budget_mb=_device_budget_mb(cache))
+                 device_budget_mb=budget_mb, frozen_digests=units, source=source,
+                 lowest_cut=model.cut)
 
 
 def _device_budget_mb(cache: DictConfig | None) -> float | None:
@@ -73,54 +82,38 @@ def _device_budget_mb(cache: DictConfig | None) -> float | None:
 
 def test_feed(model: FreezeNet, data: Data, cache: DictConfig | None, device: torch.device,
               amp: bool = False) -> Feed:
-    """The test split alone, fed as :func:`for_trial` feeds it (for a test evaluation after the
-    trial: a study's end)."""
-    return _feeds(model, data, cache, None, device, amp, ("test",))[0]["test"]
+    """The test split alone at the model's cut, fed as :func:`for_trial` feeds it (for a test
+    evaluation after the trial: a study's end)."""
+    return _feeds(model, data, cache, None, device, amp, ("test",), None)[1]["test"]
 
 
 def _feeds(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augment | None,
-           device: torch.device, amp: bool, names: tuple[str, ...]
-           ) -> tuple[dict[str, Feed], float, list[str] | None]:
-    """The feeds of splits ``names``, the time spent filling them, and the frozen units'
-    digests when the cache computed them."""
+           device: torch.device, amp: bool, names: tuple[str, ...], test_cut: int | None
+           ) -> tuple[Source, dict[str, Feed], float]:
+    """Where the splits' rows come from, the feeds of splits ``names``, and the time spent
+    filling them."""
     mode = cache_mode(cache)
     amp = amp and device.type == "cuda"  # bf16 autocast runs on CUDA only (sweeper.train)
-    normalize = data.normalize.to(device)
     random_train = augment is not None and augment.random
-
-    def images(split: Split, why: str, aug: Augment | None = None) -> Feed:
-        return image_feed(model, split, normalize, aug, why)
-
     check_cache(cache, augment)
-    if mode == "off" or model.cut == 0:
-        why = "cache.mode=off" if mode == "off" else "nothing frozen"
-        if model.cut == 0 and mode != "off":
-            log.info("Feature cache: nothing to cache (no frozen unit)")
-        aug = augment if random_train else None
-        return ({name: images(getattr(data, name), why, aug if name == "train" else None)
-                 for name in names}, 0.0, [] if model.cut == 0 else None)
-
-    MEMORY.start_trial(int(float(cache.memory_budget_mb) * 2**20))
-    directory = Path(str(cache.dir))
-    dtype = DTYPES.get(str(cache.dtype))
+    dtype = DTYPES.get(str(cache.dtype)) if cache is not None else torch.float32
     if dtype is None:
         raise UserError(f"cache.dtype={cache.dtype}: use one of {', '.join(DTYPES)}.")
-    units = [unit_digest(u) for u in model.frozen_units()]
+    why_not = dict.fromkeys(SPLITS, "cache.mode=off" if mode == "off" else "")
+    if random_train and mode != "off" and "train" in names:
+        why_not["train"] = f"augment is random: {augment.describe()}"
+        log.info("Feature cache (auto): train runs through the frozen prefix, %s", why_not["train"])
+    budget = 0 if cache is None else int(float(cache.memory_budget_mb) * 2**20)
+    MEMORY.start_trial(budget)
+    source = Source(model, {name: getattr(data, name) for name in SPLITS}, data.normalize.to(device),
+                    augment if random_train else None, device, amp, dtype,
+                    Path(str(cache.dir)) if cache is not None else Path(), budget, why_not)
+    if model.cut == 0 and mode != "off":
+        log.info("Feature cache: nothing to cache at the start (no frozen unit)")
     out: dict[str, Feed] = {}
     filled_s = 0.0
     for name in names:
-        split = getattr(data, name)
-        if name == "train" and random_train:
-            why = f"augment is random: {augment.describe()}"
-            log.info("Feature cache (auto): train runs through the frozen prefix, %s", why)
-            out[name] = images(split, why, augment)
-            continue
-        prefix = Prefix(model, split, normalize, dtype, device, amp,
-                        split_digest(split, data.normalize), units)
-        feed, spent = prefix_outputs(prefix, model.cut, directory)
+        cut = model.cut if name != "test" or test_cut is None else test_cut
+        out[name], spent = source.at(name, cut)
         filled_s += spent
-        log.info("Feature cache: %s at cut %d %s (%.1f MB%s, fill cost %.2fs)", name, model.cut,
-                 feed.source, feed.nbytes / 2**20, ", memory-mapped" if feed.mapped else "",
-                 feed.fill_time_s)
-        out[name] = feed
-    return out, filled_s, units
+    return source, out, filled_s

@@ -9,6 +9,10 @@ not give on its own:
 3. frozen parameters are never handed to the optimizer (no weight decay or momentum drift);
 4. the frozen prefix runs under ``torch.no_grad()``: autograd never records it, so there is
    no backward pass through it and none of its activations are kept.
+
+The frozen units are always a prefix, but the prefix may move during a run
+(:meth:`FreezeNet.set_unfrozen`, asked for by a freeze strategy, :mod:`sweeper.schedule`):
+all four hold again at once after every move.
 """
 
 from __future__ import annotations
@@ -31,15 +35,10 @@ class FreezeNet(nn.Module):
     def __init__(self, units: list[nn.Module], unit_names: list[str], head: nn.Module,
                  unfrozen: int) -> None:
         super().__init__()
-        if not 0 <= unfrozen <= len(units):
-            raise ValueError(f"unfrozen must be in 0..{len(units)}, got {unfrozen}")
         self.units = nn.ModuleList(units)
         self.unit_names = list(unit_names)
         self.head = head
-        self.unfrozen = unfrozen
-        for unit in self.frozen_units():
-            unit.requires_grad_(False)
-        self.train()
+        self.set_unfrozen(unfrozen)
 
     @property
     def num_units(self) -> int:
@@ -56,16 +55,41 @@ class FreezeNet(nn.Module):
     def trainable_units(self) -> list[nn.Module]:
         return list(self.units[self.cut :])
 
+    def set_unfrozen(self, unfrozen: int) -> None:
+        """Make the last ``unfrozen`` units trainable and the others frozen, mid-run too.
+
+        Newly frozen units lose their gradients and go to eval mode; newly unfrozen ones follow
+        the net's mode. Which parameters the optimizer holds is the caller's to change
+        (:func:`sweeper.train.follow_units`).
+        """
+        if not 0 <= unfrozen <= self.num_units:
+            raise ValueError(f"unfrozen must be in 0..{self.num_units}, got {unfrozen}")
+        self.unfrozen = unfrozen
+        for i, unit in enumerate(self.units):
+            trainable = i >= self.cut
+            unit.requires_grad_(trainable)
+            if not trainable:
+                for p in unit.parameters():
+                    p.grad = None
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> FreezeNet:
         super().train(mode)
         for unit in self.frozen_units():
             unit.eval()
         return self
 
-    def forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen prefix's output: a fixed function of ``x`` (eval mode, no autograd)."""
+    def forward_frozen(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The frozen prefix's output: a fixed function of ``x`` (eval mode, no autograd).
+
+        ``x`` is the input of unit ``start`` (0: an image batch; a cut of the cache: that
+        cut's rows), so only frozen units ``start..cut-1`` run.
+        """
+        if start > self.cut:
+            raise ValueError(f"input of unit {start}, but units from {self.cut} on train: "
+                             "those rows were computed through units that are no longer frozen")
         with torch.no_grad():
-            for unit in self.frozen_units():
+            for unit in self.units[start:self.cut]:
                 x = unit(x)
         return x
 
@@ -97,13 +121,21 @@ class FreezeNet(nn.Module):
         for unit in self.trainable_units():
             yield from unit.parameters()
 
-    def param_groups(self, lr_head: float, lr_backbone: float) -> list[dict]:
-        """Optimizer parameter groups holding trainable parameters only."""
-        groups = [{"params": list(self.head.parameters()), "lr": lr_head, "name": "head"}]
-        backbone = list(self.backbone_parameters())
-        if backbone:
-            groups.append({"params": backbone, "lr": lr_backbone, "name": "backbone"})
-        return groups
+    def unit_group(self, i: int, lr_backbone: float, layer_decay: float = 1.0) -> dict:
+        """Unit ``i``'s optimizer parameter group: its learning rate is ``lr_backbone`` times
+        ``layer_decay`` per unit between it and the top unit (timm's layer-wise decay); the
+        group's ``unit`` is ``i`` and ``base_lr`` its rate before any schedule."""
+        lr = lr_backbone * layer_decay ** (self.num_units - 1 - i)
+        return {"params": list(self.units[i].parameters()), "lr": lr, "base_lr": lr,
+                "name": self.unit_names[i], "unit": i}
+
+    def param_groups(self, lr_head: float, lr_backbone: float, layer_decay: float = 1.0) -> list[dict]:
+        """Optimizer parameter groups holding trainable parameters only: the head (``unit``
+        None), then one group per trainable unit (:meth:`unit_group`)."""
+        head = {"params": list(self.head.parameters()), "lr": lr_head, "base_lr": lr_head,
+                "name": "head", "unit": None}
+        return [head, *(self.unit_group(i, lr_backbone, layer_decay)
+                        for i in range(self.cut, self.num_units))]
 
     def count_parameters(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts."""
