@@ -97,7 +97,12 @@ def test_a_cut_filled_and_derived_on_the_gpu_matches_the_prefix(make_cfg, output
     ["freeze.unfrozen=2", "cache.memory_budget_mb=0.001", "cache.device_budget_mb=0"],
     ["freeze.unfrozen=4", "trainer.compile=true"],
     ["freeze.unfrozen=4", "trainer.deterministic=true"],
-], ids=["cache", "no-cache", "bn-target", "crop-flip", "mapped", "compile", "deterministic"])
+    # freezing over time: per-run entries on the GPU; shared entries placed as the cut moves
+    ["freeze=progressive", "trainer.epochs=4"],
+    ["freeze=progressive", "trainer.epochs=4", "cache.device_budget_mb=0"],
+    ["freeze=gradual", "trainer.epochs=4"],
+], ids=["cache", "no-cache", "bn-target", "crop-flip", "mapped", "compile", "deterministic",
+        "progressive", "progressive-copied", "gradual"])
 def test_a_trial_runs_on_the_gpu(make_cfg, mlflow_client, overrides):
     result = run_trial(make_cfg(*ON_GPU, "trainer.epochs=2", *overrides))
     run = mlflow_client.get_run(result["run_id"])

@@ -291,3 +291,40 @@ def test_old_logged_configs_without_a_strategy_still_run(make_cfg):
     del cfg.freeze["strategy"]
     del cfg.optim["layer_decay"]
     assert run_trial(cfg)["val_acc"] >= 0
+
+
+# --- the study over strategies ------------------------------------------------------------
+
+def test_the_strategies_search_space_samples_each_strategy_its_own_parameters(outputs):
+    import optuna
+
+    from sweeper.config import compose
+    from sweeper.study import parse_space
+
+    cfg = compose(overrides=["search=strategies", f"paths.outputs={outputs}"],
+                  return_hydra_config=True)
+    sweep = cfg.hydra.sweeper
+    assert sweep.sampler._target_.endswith("TPESampler") and "train_time_s" in sweep.objectives
+    space = parse_space(OmegaConf.to_container(sweep.params, resolve=True),
+                        OmegaConf.to_container(sweep.conditions, resolve=True))
+    own = {"progressive": {"freeze.start", "freeze.spacing"},
+           "gradual": {"freeze.head_epochs", "freeze.every", "freeze.units_each"}}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        overrides = dict(o.split("=", 1) for o in space.suggest(study.ask(), lambda k: None))
+        strategy = overrides["freeze"]
+        seen.add(strategy)
+        for other, keys in own.items():
+            assert bool(keys & overrides.keys()) == (other == strategy), overrides
+    assert seen == {"depth", "progressive", "gradual"}
+
+
+def test_a_study_over_strategies_runs_and_its_trials_say_which(cli, outputs, mlflow_client):
+    done = cli("freeze=depth,progressive,gradual", "freeze.unfrozen=3", "trainer.epochs=2",
+               "hydra/sweeper/sampler=grid", flags=("-m",))
+    assert done.returncode == 0, done.stderr[-4000:]
+    exp = mlflow_client.get_experiment_by_name("sweeper")
+    runs = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'trial'")
+    assert sorted(r.data.params["freeze.strategy"] for r in runs) == ["depth", "gradual", "progressive"]
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -92,7 +92,7 @@ class Source:
                      "the newly frozen units run in every step", name, cut, nbytes / 2**20)
             return None
         rows = run_rows(feed, self.device, self.amp, self.dtype, out_device)
-        return Feed(rows, feed.labels, rows_prepare(self.model, cut),
+        return Feed(rows, feed.labels.to(out_device), rows_prepare(self.model, cut),
                     f"run (derived from cut {feed.cut})", nbytes=nbytes, cut=cut)
 
 
