@@ -104,8 +104,8 @@ def main() -> None:
     print("| configuration | train time (s) | vs full | steps (s) | switches (s) | val acc | test acc |")
     print("|---|---|---|---|---|---|---|")
     for name, rs in results.items():
-        ratio = (statistics.median(f["train_time_s"] / r["train_time_s"] for f, r in zip(full, rs, strict=True))
-                 if full else float("nan"))
+        ratio = (statistics.median(f["train_time_s"] / r["train_time_s"]
+                                   for f, r in zip(full, rs, strict=True)) if full else float("nan"))
         print(f"| {name} | {statistics.median(r['train_time_s'] for r in rs):.2f} | {ratio:.2f}x "
               f"| {statistics.median(r['train_steps_s'] for r in rs):.2f} "
               f"| {statistics.median(r['switch_time_s'] for r in rs):.2f} "

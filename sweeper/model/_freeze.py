@@ -38,6 +38,9 @@ class FreezeNet(nn.Module):
         self.units = nn.ModuleList(units)
         self.unit_names = list(unit_names)
         self.head = head
+        # What a network leaves untrainable on purpose (a fixed position embedding, say) stays
+        # so when its unit is unfrozen.
+        self._learnable = {id(p) for p in self.units.parameters() if p.requires_grad}
         self.set_unfrozen(unfrozen)
 
     @property
@@ -67,9 +70,9 @@ class FreezeNet(nn.Module):
         self.unfrozen = unfrozen
         for i, unit in enumerate(self.units):
             trainable = i >= self.cut
-            unit.requires_grad_(trainable)
-            if not trainable:
-                for p in unit.parameters():
+            for p in unit.parameters():
+                p.requires_grad_(trainable and id(p) in self._learnable)
+                if not trainable:
                     p.grad = None
         self.train(self.training)
 
