@@ -23,6 +23,7 @@ units train" says which ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -32,6 +33,9 @@ from sweeper.errors import UserError
 STRATEGIES = ("depth", "progressive", "gradual")
 SPACINGS = ("linear", "cubic")
 LR_SHAPES = ("cosine", "constant")
+#: Each strategy's parameters besides ``unfrozen`` (keys of ``freeze``, as in ``conf/freeze/``).
+PARAMETERS = {"depth": (), "progressive": ("start", "end", "spacing"),
+              "gradual": ("head_epochs", "every", "units_each", "new_lr_scale")}
 
 
 @dataclass(frozen=True)
@@ -237,3 +241,35 @@ def _spaced(start: float, end: float, n: int, spacing: str) -> list[float]:
 def describe(schedule: Schedule) -> str:
     """The schedule in one line, e.g. ``9 units from step 0, 8 from step 40, ..., 1 from 79``."""
     return ", ".join(f"{n} from step {step}" for step, n in schedule.changes())
+
+
+def summary(strategy: str, unfrozen: int, values: Mapping[str, object]) -> str:
+    """A strategy and its parameters in the user's words, from ``values`` (``freeze``'s keys),
+    e.g. ``progressive: the last 9 units train, then freeze from 0.5 to 1 of training (linear)``."""
+    if strategy == "progressive":
+        return (f"progressive: the last {unfrozen} units train, then freeze from "
+                f"{float(values['start']):g} to {float(values['end']):g} of training "
+                f"({values['spacing']})")
+    if strategy == "gradual":
+        scale = float(values.get("new_lr_scale", 1.0))
+        return (f"gradual: the head alone for {int(values['head_epochs'])} epochs, then "
+                f"{int(values['units_each'])} more units every {int(values['every'])} epochs, "
+                f"up to {unfrozen}" + (f" (new units from {scale:g} of their rate)" if scale < 1 else ""))
+    return f"depth: the last {unfrozen} units train"
+
+
+def mean_units(strategy: str, unfrozen: int, num_units: int, epochs: int,
+               values: Mapping[str, object]) -> float:
+    """How many units train per optimizer step on average over the run: what a configuration
+    costs in the rule's currency (:mod:`sweeper.decision`: every unit that trains adds its
+    forward and backward pass to the step; a frozen prefix is read from the cache). A fixed
+    depth: ``unfrozen``. ``values``: the strategy's parameters (``freeze``'s keys); the run's
+    steps are taken as 1000 per epoch (the schedule's fractions of training, not its data)."""
+    if strategy == "depth":
+        return float(unfrozen)
+    from omegaconf import OmegaConf
+
+    freeze = OmegaConf.create({**values, "strategy": strategy, "unfrozen": unfrozen})
+    plan = build(freeze, OmegaConf.create({"schedule": "cosine"}), num_units, 1000, epochs)
+    changes = [*plan.changes(), (plan.steps, 0)]
+    return sum(n * (b[0] - a) for (a, n), b in zip(changes, changes[1:])) / plan.steps

@@ -4,6 +4,7 @@ charged and re-run like a fixed depth."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -15,6 +16,7 @@ from sweeper import timing, train
 from sweeper.errors import UserError
 from sweeper.model import build
 from sweeper.rerun import rerun
+from sweeper.tracking import State
 from sweeper.trial import run_trial
 
 OPTIM = OmegaConf.create({"lr_head": 0.1, "lr_backbone": 0.05, "weight_decay": 0.0,
@@ -257,7 +259,7 @@ def test_a_strategy_trial_logs_its_parameters_and_units_per_epoch_and_reruns_exa
                    "optim.layer_decay=0.8")
     result = run_trial(cfg)
     run = mlflow_client.get_run(result["run_id"])
-    assert run.info.status == "FINISHED" and run.info.run_name == f"resnet18-{strategy}-unfrozen9"
+    assert run.info.status == "FINISHED" and run.info.run_name == f"resnet18-fake-{strategy}-unfrozen9"
     params = run.data.params
     assert params["freeze.strategy"] == strategy and params["optim.layer_decay"] == "0.8"
     keys = {"progressive": ("freeze.start", "freeze.end", "freeze.spacing"),
@@ -328,3 +330,59 @@ def test_a_study_over_strategies_runs_and_its_trials_say_which(cli, outputs, mlf
     runs = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'trial'")
     assert sorted(r.data.params["freeze.strategy"] for r in runs) == ["depth", "gradual", "progressive"]
     assert all(r.info.status == "FINISHED" for r in runs)
+    # one report for all of them: a row per strategy, one Pareto plot, the pick named by strategy
+    (report,) = (outputs / "studies").glob("*/report/report.md")
+    text = report.read_text()
+    for strategy in ("depth", "progressive", "gradual"):
+        assert f"| {strategy} | 3 | {strategy}: " in text, text
+    assert (report.parent / "pareto.png").is_file()
+    table = pd.read_csv(report.parent / "depths.csv")
+    assert sorted(table.strategy) == ["depth", "gradual", "progressive"]
+    assert "## Per strategy and depth" in text and "units/step" in text
+    recommended = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'study'")[0]
+    tags = recommended.data.tags
+    assert tags["recommended.strategy"] in {"depth", "progressive", "gradual"}
+    if tags["recommended.strategy"] != "depth":
+        assert f"freeze={tags['recommended.strategy']}" in tags["recommended.command"].split()
+
+
+def _trials(rows):
+    """A study's trials as the report reads them from MLflow (sweeper.report._study.trial_frame)."""
+    out = []
+    for i, (strategy, unfrozen, seed, val_acc) in enumerate(rows):
+        values = {"progressive": {"start": 0.5, "end": 1.0, "spacing": "cubic"}}.get(strategy, {})
+        out.append({
+            "trial": i, "run_id": f"run{i}", "state": State.COMPLETE, "strategy": strategy,
+            "unfrozen": unfrozen, "num_units": 9,
+            "schedule": sched.summary(strategy, unfrozen, values),
+            "units": sched.mean_units(strategy, unfrozen, 9, 10, values),
+            "lr_head": 0.05, "lr_backbone": 0.005, "seed": seed, "split_seed": 0,
+            "setting": (("optim.lr_head", 0.05),), "val_acc": val_acc, "test_acc": val_acc,
+            "train_time_s": 8.0 if (strategy, unfrozen) == ("depth", 9) else 4.0,
+            "trainable_params": 1000, "val_images": 1000, "order": i,
+            "command": f"python -m sweeper.run freeze={strategy} freeze.unfrozen={unfrozen}"})
+    return pd.DataFrame(out)
+
+
+def test_the_rule_weighs_each_strategy_by_the_units_it_trains_and_names_it():
+    from sweeper.report import recommend
+    from sweeper.report._study import decide_study, depth_table
+
+    # Three seeds each: full fine-tuning best, progressive (6.6 units a step on average) 0.2
+    # points below it, two fixed units 5 points below.
+    trials = _trials([(s, u, seed, acc + 0.001 * seed) for seed in range(3)
+                      for s, u, acc in (("depth", 9, 0.90), ("depth", 2, 0.85),
+                                        ("progressive", 9, 0.898))])
+    decision = decide_study(trials, tolerance=1.0)
+    assert list(decision.arms) == [("depth", 2), ("progressive", 9), ("depth", 9)]  # by cost
+    assert decision.reference == ("depth", 9) and decision.recommended == ("progressive", 9)
+    assert decision.settled  # the one cheaper configuration, two units, is worse
+    table = depth_table(trials, decision)
+    assert list(zip(table.strategy, table.unfrozen, strict=True)) == [
+        ("depth", 2), ("depth", 9), ("progressive", 9)]
+    pick, text = recommend(table, decision)
+    assert pick["strategy"] == "progressive"
+    assert text.startswith("Use freeze=progressive (progressive: the last 9 units train, then "
+                           "freeze from 0.5 to 1 of training (cubic)")
+    assert "The best mean is depth 9's" in text and "freeze=progressive unfrozen=9 is at most" in text
+    assert "cheaper configurations" in text and "settled" in text

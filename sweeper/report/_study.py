@@ -1,11 +1,17 @@
-"""A study's report: per depth, the mean validation accuracy over its repeats with a 95%
-interval, and the recommendation by the rule of :mod:`sweeper.decision`, from what MLflow
-recorded.
+"""A study's report: per depth (and freeze strategy, ``freeze=depth|progressive|gradual``), the
+mean validation accuracy over its repeats with a 95% interval, and the recommendation by the
+rule of :mod:`sweeper.decision`, from what MLflow recorded.
+
+Each (strategy, unfrozen) pair is one arm of the rule; a study of fixed depths has one per
+depth. An arm's cost is the mean number of units that train per step
+(:func:`sweeper.schedule.mean_units`; a fixed depth: its unfrozen units), so the rule
+recommends the cheapest configuration within tolerance of the best, whatever its strategy.
 
 The report is written as ``report.md``, ``depths.csv`` and PNG plots under
 ``<paths.studies>/<study>/report/`` and logged as artifacts (``report/``) of the study's
-parent MLflow run, which also gets the answer as tags (``recommended.unfrozen``,
-``recommended.lr_head``, ``recommended.lr_backbone``, ``recommended.settled``) and metrics
+parent MLflow run, which also gets the answer as tags (``recommended.strategy``,
+``recommended.unfrozen``, ``recommended.lr_head``, ``recommended.lr_backbone``,
+``recommended.settled``, ``recommended.freeze.*`` for a strategy's parameters) and metrics
 (``recommended.val_acc_mean``, ``recommended.val_acc_ci_low``, ``recommended.val_acc_ci_high``,
 ``recommended.train_time_s``, ``recommended.test_acc``, ``recommended.repeats``); the terminal
 shows the table and the recommendation. The rule, its tolerance and confidence are the
@@ -26,6 +32,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from sweeper import schedule
 from sweeper.decision import (
     UNDECIDED,
     WORSE,
@@ -40,8 +47,9 @@ from sweeper.tracking import Kind, Param, State, Tag, Tracker, command_overrides
 
 log = logging.getLogger("sweeper.report")
 
-# The columns that key the per-depth table (and a trial's arm); a freeze strategy joins them.
-ARM = ["unfrozen"]
+# The columns that key the per-depth table (and a trial's arm).
+ARM = ["strategy", "unfrozen"]
+DEPTH = "depth"  # the fixed-depth strategy: runs from before strategies are this
 # Parent-run params of a study: the rule it was run with (hydra.sweeper.tolerance, .confidence).
 RULE_TOLERANCE = "rule.tolerance"
 RULE_CONFIDENCE = "rule.confidence"
@@ -53,7 +61,7 @@ SETTING = [str(Param.LR_HEAD), str(Param.LR_BACKBONE)]
 class Report:
     study: str
     parent_run_id: str
-    table: pd.DataFrame  # one row per depth
+    table: pd.DataFrame  # one row per strategy and depth
     trials: pd.DataFrame  # one row per trial
     recommended: dict[str, Any] | None
     explanation: str
@@ -91,7 +99,8 @@ def setting_keys(parent_params: dict[str, str]) -> list[str]:
     ``search.*`` params other than the depth, fixed values and repeat keys."""
     keys = [k.removeprefix("search.") for k, v in parent_params.items()
             if k.startswith("search.") and not v.startswith(("fixed", "repeat key"))]
-    keys = [k for k in keys if k.lstrip("+~") != Param.UNFROZEN]
+    arm = (Param.UNFROZEN, Param.STRATEGY, "freeze")  # the arm's keys: not a setting
+    keys = [k for k in keys if k.lstrip("+~") not in arm]
     return sorted(keys) or SETTING
 
 
@@ -105,9 +114,13 @@ def _value(text: str | None) -> Any:
 
 
 def trial_frame(tracker: Tracker, parent_run_id: str,
-                setting: Sequence[str] = SETTING) -> pd.DataFrame:
-    """One row per child run of the study: its depth, setting (learning rates), repeat key
-    (seed, split), state and metrics."""
+                setting: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per child run of the study: its strategy, depth, setting (learning rates, a
+    strategy's searched parameters; default: the study's, :func:`setting_keys` of its parent
+    run), repeat key (seed, split), state, metrics, and ``units``: the mean number of units
+    that train per step (:func:`sweeper.schedule.mean_units`)."""
+    if setting is None:
+        setting = setting_keys(tracker.client.get_run(parent_run_id).data.params)
     runs = tracker.client.search_runs(
         [tracker.experiment_id], f"tags.`{Tag.PARENT}` = '{parent_run_id}'", max_results=50000)
     rows = []
@@ -115,10 +128,16 @@ def trial_frame(tracker: Tracker, parent_run_id: str,
         p, m, t = r.data.params, r.data.metrics, r.data.tags
         if not p:  # a trial that failed before its config was logged: no depth to count it at
             continue
+        strategy = p.get(Param.STRATEGY, DEPTH)
+        freeze = {k: p.get(f"freeze.{k}") for k in schedule.PARAMETERS.get(strategy, ())}
+        unfrozen, num_units = int(p[Param.UNFROZEN]), int(p[Param.NUM_UNITS])
         rows.append({
             "trial": int(t[Tag.TRIAL]) if Tag.TRIAL in t else None,
             "run_id": r.info.run_id, "state": t.get(Tag.STATE) or State.of_status(r.info.status),
-            "unfrozen": int(p[Param.UNFROZEN]), "num_units": int(p[Param.NUM_UNITS]),
+            "strategy": strategy, "unfrozen": unfrozen, "num_units": num_units,
+            "schedule": schedule.summary(strategy, unfrozen, freeze),
+            "units": schedule.mean_units(strategy, unfrozen, num_units,
+                                         int(p.get("trainer.epochs", 1)), freeze),
             "lr_head": float(p[Param.LR_HEAD]), "lr_backbone": float(p[Param.LR_BACKBONE]),
             "seed": int(p.get(Param.SEED, 0)), "split_seed": int(p.get(Param.SPLIT_SEED, 0)),
             "setting": tuple((k, _value(p.get(k))) for k in setting),
@@ -128,18 +147,30 @@ def trial_frame(tracker: Tracker, parent_run_id: str,
             "val_images": m.get("val_images", math.nan),
             "command": _train_command(t.get(Tag.RERUN_COMMAND, ""), p),
         })
-    columns = ["trial", "run_id", "state", "unfrozen", "num_units", "lr_head", "lr_backbone",
-               "seed", "split_seed", "setting", "val_acc", "test_acc", "train_time_s",
-               "trainable_params", "val_images", "command"]
+    columns = ["trial", "run_id", "state", "strategy", "unfrozen", "num_units", "schedule",
+               "units", "lr_head", "lr_backbone", "seed", "split_seed", "setting", "val_acc",
+               "test_acc", "train_time_s", "trainable_params", "val_images", "command"]
     frame = pd.DataFrame(rows, columns=columns)
     frame["order"] = range(len(frame))  # start order: the trial number where there is none
     frame.loc[frame.trial.notna(), "order"] = frame.trial[frame.trial.notna()]
-    return frame.sort_values(["unfrozen", "order"], na_position="last")
+    rank = frame.strategy.map(_RANK).fillna(len(_RANK))  # depth first, then the others
+    return frame.assign(_rank=rank).sort_values(["_rank", "unfrozen", "order"],
+                                                na_position="last").drop(columns="_rank")
+
+
+_RANK = {s: i for i, s in enumerate(schedule.STRATEGIES)}
 
 
 def _train_command(logged: str, params: dict[str, str]) -> str:
-    """The command that trains this trial's depth and learning rates with its other overrides."""
-    chosen = {k: params[k] for k in (Param.UNFROZEN, Param.LR_HEAD, Param.LR_BACKBONE)}
+    """The command that trains this trial's strategy (its parameters included), depth and
+    learning rates with its other overrides."""
+    strategy = params.get(Param.STRATEGY, DEPTH)
+    chosen = {"freeze": strategy} if strategy != DEPTH else {}
+    chosen.update({k: params[k] for k in (Param.UNFROZEN, Param.LR_HEAD, Param.LR_BACKBONE)})
+    chosen.update({f"freeze.{k}": params[f"freeze.{k}"]
+                   for k in schedule.PARAMETERS.get(strategy, ()) if f"freeze.{k}" in params})
+    if params.get("optim.layer_decay", "1.0") not in ("1", "1.0"):
+        chosen["optim.layer_decay"] = params["optim.layer_decay"]
     base = command_overrides(logged) if logged else []
     keep = [o for o in base if o.split("=", 1)[0].lstrip("+~") not in chosen]
     return train_command([*keep, *(f"{k}={v}" for k, v in chosen.items())])
@@ -153,15 +184,17 @@ def measurements(trials: pd.DataFrame) -> list[Measurement]:
             continue
         done = t.state == State.COMPLETE and not math.isnan(t.val_acc)
         images = None if math.isnan(t.val_images) else int(t.val_images)
-        out.append(Measurement(int(t.unfrozen), t.setting, (int(t.seed), int(t.split_seed)),
+        out.append(Measurement((t.strategy, int(t.unfrozen)), t.setting, (int(t.seed), int(t.split_seed)),
                                float(t.val_acc) if done else None, images, int(t.order)))
     return out
 
 
-def _arm_trials(trials: pd.DataFrame, decision: Decision, arm: int) -> pd.DataFrame:
+def _arm_trials(trials: pd.DataFrame, decision: Decision, arm: tuple[str, int]) -> pd.DataFrame:
     """The complete trials that are ``arm``'s measurements (its setting, one per key)."""
     s = decision.arms[arm]
-    mine = trials[(trials.unfrozen == arm) & (trials.state == State.COMPLETE)]
+    strategy, depth = arm
+    mine = trials[(trials.strategy == strategy) & (trials.unfrozen == depth)
+                  & (trials.state == State.COMPLETE)]
     if mine.empty:  # (a boolean mask from apply on no rows would drop the columns)
         return mine
     mine = mine[mine.setting.apply(lambda x: x == s.setting)]
@@ -180,25 +213,45 @@ def tested_runs(trials: pd.DataFrame) -> list[str]:
     learning rates change only to those of a better trial on the first seed and split, and
     its repeats run at the rates it has.
     """
-    decision = decide(measurements(trials))
+    decision = decide_study(trials)
     return [run for arm in decision.arms for run in _arm_trials(trials, decision, arm).run_id]
 
 
+def decide_study(trials: pd.DataFrame, tolerance: float = 1.0,
+                 confidence: float = 0.95) -> Decision:
+    """The rule applied to a study's trials, arms ordered by cost: the mean number of units
+    that train per step at the arm's setting (a fixed depth: its unfrozen units; ties: the
+    strategies' order, then depth)."""
+    ms = measurements(trials)
+    first = decide(ms, tolerance, confidence)  # each arm's setting: not a matter of cost
+    cost: dict[Any, tuple[float, int, int]] = {}
+    for arm, s in first.arms.items():
+        strategy, depth = arm
+        mine = _arm_trials(trials, first, arm) if s.n else trials[
+            (trials.strategy == strategy) & (trials.unfrozen == depth)]
+        cost[arm] = (round(float(mine.units.median()), 9), _RANK.get(strategy, len(_RANK)),
+                     depth)
+    return decide(ms, tolerance, confidence, cost=cost.__getitem__)
+
+
 def depth_table(trials: pd.DataFrame, decision: Decision) -> pd.DataFrame:
-    """One row per depth: its setting, repeats, mean val acc with its interval, difference to
-    the reference with its bounds, status, test acc, median time, counts."""
+    """One row per strategy and depth (the fixed depths first): its setting, repeats, mean val
+    acc with its interval, difference to the reference with its bounds, status, test acc,
+    median time, counts, and the units that train per step on average."""
     complete = trials[trials.state == State.COMPLETE]
-    full = complete[complete.unfrozen == complete.num_units]
+    full = complete[(complete.strategy == DEPTH) & (complete.unfrozen == complete.num_units)]
     full_time = full.train_time_s.median() if len(full) else math.nan
     rows = []
-    for depth, group in trials.groupby("unfrozen"):
+    groups = sorted(trials.groupby(ARM), key=lambda g: (_RANK.get(g[0][0], len(_RANK)), g[0][1]))
+    for (strategy, depth), group in groups:
         done = group[group.state == State.COMPLETE]
-        row: dict[str, Any] = {"unfrozen": depth, "trials": len(group),
+        row: dict[str, Any] = {"strategy": strategy, "unfrozen": depth, "trials": len(group),
                                "pruned": int((group.state == State.PRUNED).sum()),
                                "failed": int((group.state == State.FAILED).sum())}
-        s = decision.arms.get(int(depth))
+        arm = (strategy, int(depth))
+        s = decision.arms.get(arm)
         if s is not None and s.n:
-            mine = _arm_trials(trials, decision, int(depth))
+            mine = _arm_trials(trials, decision, arm)
             first = mine.iloc[0]
             time = done.train_time_s.median()
             row.update(
@@ -209,6 +262,7 @@ def depth_table(trials: pd.DataFrame, decision: Decision) -> pd.DataFrame:
                 diff_low=s.diff.low if s.diff else math.nan,
                 diff_high=s.diff.high if s.diff else math.nan,
                 status=s.status, more=s.more if s.more is not None else math.nan,
+                schedule=first.schedule, units=first.units,
                 test_acc=mine.test_acc.mean(), train_time_s=time,
                 speedup_vs_full=full_time / time, trainable_params=first.trainable_params,
                 run_id=mine.loc[mine.val_acc.idxmax()].run_id, command=first.command)
@@ -234,65 +288,91 @@ def _interval(row: dict[str, Any], confidence: float) -> str:
             f"{row['val_acc_high']:.3f} {kind})")
 
 
+def _label(arm: tuple[str, int]) -> str:
+    """An arm as the user sets it: ``depth 5`` (a fixed depth) or ``freeze=progressive
+    unfrozen=9``."""
+    strategy, depth = arm
+    return f"depth {depth}" if strategy == DEPTH else f"freeze={strategy} unfrozen={depth}"
+
+
+def _arm(row: dict[str, Any]) -> tuple[str, int]:
+    return row["strategy"], int(row["unfrozen"])
+
+
 def recommend(table: pd.DataFrame, decision: Decision) -> tuple[dict | None, str]:
-    """The recommended depth's row with the answer's numbers, and the plain-words why."""
+    """The recommended arm's row (its strategy and depth) with the answer's numbers, and the
+    plain-words why."""
     if decision.recommended is None or table.empty or "status" not in table:
         return None, "No trial completed, so there is nothing to recommend yet."
-    rows = {int(r.unfrozen): r.to_dict() for _, r in table.iterrows() if isinstance(r.status, str)}
+    rows = {_arm(r): r.to_dict() for _, r in table.iterrows() if isinstance(r.status, str)}
     pick, ref = rows[decision.recommended], rows[decision.reference]
     tol, conf = decision.tolerance, decision.confidence
-    depth = int(pick["unfrozen"])
-    text = (f"Unfreeze the last {depth} units ({_lrs(pick)}): validation accuracy "
-            f"{_interval(pick, conf)}, {pick['train_time_s']:.1f} s of training")
+    strategy, depth = decision.recommended
+    what = "depths" if set(table.strategy) == {DEPTH} else "configurations"
+    if strategy == DEPTH:
+        text = f"Unfreeze the last {depth} units ({_lrs(pick)})"
+    else:
+        text = f"Use freeze={strategy} ({pick['schedule']}; {_lrs(pick)})"
+    text += (f": validation accuracy {_interval(pick, conf)}, {pick['train_time_s']:.1f} s of "
+             "training")
     if not math.isnan(pick.get("speedup_vs_full", math.nan)):
         text += f" ({pick['speedup_vs_full']:.1f}x faster than fine-tuning every unit)"
     text += ". "
     if decision.recommended == decision.reference:
-        text += "It has the best mean validation accuracy of all depths. "
+        text += f"It has the best mean validation accuracy of all {what}. "
     else:
-        d = decision.arms[depth].diff
+        d = decision.arms[decision.recommended].diff
         how = "paired by seed and split" if d.kind == "paired" else {
             "welch": "unpaired (Welch)", "binomial": "from single trials"}.get(d.kind, d.kind)
-        text += (f"The best mean is depth {decision.reference}'s ({ref['val_acc']:.3f}); "
-                 f"with {conf:.0%} confidence depth {depth} is at most "
+        text += (f"The best mean is {_label(decision.reference)}'s ({ref['val_acc']:.3f}); "
+                 f"with {conf:.0%} confidence {_label(decision.recommended)} is at most "
                  f"{-d.low * 100:.1f} points below it ({how}: {_pts(d.mean)} points, bounds "
                  f"{_pts(d.low)} and {_pts(d.high)}), within the {tol:g}-point tolerance. ")
-    cheaper = [rows[a] for a in rows if a < depth]
+    order = list(decision.arms)  # cheapest first
+    cheaper = [rows[a] for a in order[:order.index(decision.recommended)] if a in rows]
     worse = [r for r in cheaper if r["status"] == WORSE]
     if worse:
-        text += (f"With {conf:.0%} confidence every one of these cheaper depths is more than "
+        text += (f"With {conf:.0%} confidence every one of these cheaper {what} is more than "
                  f"{tol:g} point{'s' if tol != 1 else ''} below the best: " + ", ".join(
-                     f"{int(r['unfrozen'])} ({_pts(r['diff'])})" for r in worse) + ". ")
+                     (str(int(r["unfrozen"])) if what == "depths" else _label(_arm(r)))
+                     + f" ({_pts(r['diff'])})" for r in worse) + ". ")
     if decision.settled:
-        text += "The answer is settled: no cheaper depth is undecided."
+        text += f"The answer is settled: no cheaper {what[:-1]} is undecided."
     else:
         text += undecided_text(decision, rows)
     return {**pick, "settled": decision.settled}, text
 
 
-def undecided_text(decision: Decision, rows: dict[int, dict[str, Any]], detail: int = 3) -> str:
+def undecided_text(decision: Decision, rows: dict[tuple[str, int], dict[str, Any]],
+                   detail: int = 3) -> str:
     """What the data cannot tell apart yet, and how many more repeats would settle it (the
-    ``detail`` cheapest undecided depths in words, the rest by number)."""
+    ``detail`` cheapest undecided arms in words, the rest by name)."""
     tol, conf = decision.tolerance, decision.confidence
     points = f"{tol:g} point{'s' if tol != 1 else ''}"
+    what = "depth" if all(a[0] == DEPTH for a in decision.arms) else "configuration"
+    short = (lambda a: str(a[1])) if what == "depth" else _label
+    ref = decision.reference
     parts = []
     for arm in decision.undecided[:detail]:
         s = decision.arms.get(arm)
         if arm not in rows or s is None or s.status != UNDECIDED:
-            parts.append(f"depth {arm} has no complete trial")
+            parts.append(f"{_label(arm)} has no complete trial")
             continue
         if s.more is None:
             more = "more repeats would settle it"
         elif s.more > 200:
             more = "more than 200 repeats: its difference sits on the tolerance"
+        elif what == "depth":
+            more = f"about {s.more} more repeats of depths {arm[1]} and {ref[1]} would settle it"
         else:
-            more = f"about {s.more} more repeats of depths {arm} and {decision.reference} would settle it"
-        parts.append(f"depth {arm} is {_pts(s.diff.mean)} points from the best (bounds "
+            more = (f"about {s.more} more repeats of {_label(arm)} and {_label(ref)} would "
+                    "settle it")
+        parts.append(f"{_label(arm)} is {_pts(s.diff.mean)} points from the best (bounds "
                      f"{_pts(s.diff.low)} and {_pts(s.diff.high)}): {more}")
     rest = decision.undecided[detail:]
     if rest:
-        parts.append("also " + ", ".join(map(str, rest)) + " (see the table)")
-    return (f"The data cannot yet tell whether every cheaper depth is within {points} of the "
+        parts.append("also " + ", ".join(map(short, rest)) + " (see the table)")
+    return (f"The data cannot yet tell whether every cheaper {what} is within {points} of the "
             f"best ({conf:.0%} confidence): " + "; ".join(parts) + ". Raise "
             "hydra.sweeper.n_trials and run the same command again: the study resumes.")
 
@@ -335,6 +415,15 @@ def _markdown(r: Report, figures: list[str]) -> str:
              "## Recommendation", "", r.explanation, ""]
     if r.recommended:
         lines += ["Train it with:", "", "```bash", r.recommended["command"], "```", ""]
+    mixed = _mixed(t)
+    if mixed:
+        lines += [
+            "Each freeze strategy at each `unfrozen` is one configuration below (for `depth` the "
+            "units that train; for `progressive` those that train at the start; for `gradual` "
+            "the most that are unfrozen); the rule treats each like a depth. Its cost is the "
+            "mean number of units that train per step (`units/step`; a fixed depth: its "
+            "unfrozen units): the cheapest configuration within tolerance is recommended. "
+            "`schedule`: its measured trials'.", ""]
     lines += [
         f"Rule: per depth, the learning rates of its best trial on the first seed and split; "
         f"its mean validation accuracy over the repeats at those rates (other seeds and "
@@ -344,11 +433,12 @@ def _markdown(r: Report, figures: list[str]) -> str:
         f"*within* when its lower bound is above −{tol:g} points, *worse* when its upper "
         f"bound is below −{tol:g}. The recommendation is the cheapest depth within (fewer "
         f"unfrozen units train faster); it is settled when every cheaper depth is worse.", "",
-        "## Per depth", "",
-        f"| unfrozen | lr_head | lr_backbone | repeats | val acc (mean) | {conf:.0%} CI "
+        "## Per strategy and depth" if mixed else "## Per depth", "",
+        ("| strategy | unfrozen | schedule | units/step " if mixed else "| unfrozen ")
+        + f"| lr_head | lr_backbone | repeats | val acc (mean) | {conf:.0%} CI "
         "| vs best (points) | bounds | status | test acc | train time (s, median) "
         "| speed-up vs full | trainable params | trials | pruned | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---" * (19 if mixed else 16) + "|"]
     for _, row in t.iterrows():
         g = row.get
         status = g("status") if isinstance(g("status"), str) else "–"
@@ -360,8 +450,11 @@ def _markdown(r: Report, figures: list[str]) -> str:
                   if isinstance(g("status"), str) and not math.isnan(g("diff_low", math.nan))
                   else "–")
         diff = _pts(g("diff")) if isinstance(g("status"), str) else "–"
+        plan = g("schedule") if isinstance(g("schedule"), str) else "–"
+        arm = (f"| {row.strategy} | {int(row.unfrozen)} | {plan} | {_fmt(g('units'), '.2f')} "
+               if mixed else f"| {int(row.unfrozen)} ")
         lines.append(
-            f"| {int(row.unfrozen)} | {_fmt(g('lr_head'), '.3g')} | {_fmt(g('lr_backbone'), '.3g')} "
+            f"{arm}| {_fmt(g('lr_head'), '.3g')} | {_fmt(g('lr_backbone'), '.3g')} "
             f"| {_fmt(g('repeats'), '.0f')} | {_fmt(g('val_acc'), '.3f')} | {ci} | {diff} "
             f"| {bounds} | {status} | {_fmt(g('test_acc'), '.3f')} "
             f"| {_fmt(g('train_time_s'), '.2f')} | {_fmt(g('speedup_vs_full'), '.2f')} "
@@ -376,6 +469,11 @@ def _markdown(r: Report, figures: list[str]) -> str:
     for p in figures:
         lines += [f"## {titles[p]}", "", f"![{titles[p]}]({p})", ""]
     return "\n".join(lines)
+
+
+def _mixed(table: pd.DataFrame) -> bool:
+    """Whether a table has another freeze strategy than fixed depths (its strategy columns)."""
+    return "strategy" in table and bool((table.strategy != DEPTH).any())
 
 
 def rule_of(cfg: DictConfig, parent, tolerance: float | None,
@@ -414,7 +512,7 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
     name = parent.data.tags.get(Tag.STUDY) or parent.info.run_name
     tolerance, confidence = rule_of(cfg, parent, tolerance, confidence)
     trials = trial_frame(tracker, parent.info.run_id, setting_keys(parent.data.params))
-    decision = decide(measurements(trials), tolerance, confidence)
+    decision = decide_study(trials, tolerance, confidence)
     notes = []
     if trials.empty:
         notes.append("The study has no trials yet.")
@@ -446,13 +544,14 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
 def _notes(trials: pd.DataFrame, decision: Decision) -> list[str]:
     notes = []
     num_units = int(trials.num_units.max())
-    measured = {a for a, s in decision.arms.items() if s.n}
+    measured = {d for (strategy, d), s in decision.arms.items() if s.n and strategy == DEPTH}
     unmeasured = sorted(set(range(num_units + 1)) - measured)
-    if unmeasured:
+    if unmeasured and (trials.strategy == DEPTH).any():
         notes.append(f"Depths without a complete trial: {unmeasured}.")
     if num_units not in measured:
-        notes.append("Full fine-tuning (unfrozen=num_units) was not measured: no speed-up "
-                     "against it can be given.")
+        notes.append(("Full fine-tuning (freeze=depth, unfrozen=num_units)" if _mixed(trials)
+                      else "Full fine-tuning (unfrozen=num_units)") + " was not measured: no "
+                     "speed-up against it can be given.")
     pruned = int((trials.state == State.PRUNED).sum())
     if pruned:
         notes.append(f"{pruned} trial{'s' if pruned > 1 else ''} pruned: stopped early because "
@@ -466,7 +565,8 @@ def _notes(trials: pd.DataFrame, decision: Decision) -> list[str]:
                      "that of one accuracy over the validation images and leaves out seed and "
                      "split noise. The default study (hydra/sweeper/sampler=depth) repeats the "
                      "depths in contention.")
-    times = trials[trials.state == State.COMPLETE].groupby("unfrozen").train_time_s.median()
+    done = trials[(trials.state == State.COMPLETE) & (trials.strategy == DEPTH)]
+    times = done.groupby("unfrozen").train_time_s.median()
     if len(times) > 2 and not times.is_monotonic_increasing:
         notes.append("Measured training time does not grow with every unfrozen unit here "
                      "(timing noise on a shared machine?); the rule ranks depths by unfrozen "
@@ -479,11 +579,14 @@ def _log_answer(tracker: Tracker, run_id: str, rec: dict[str, Any] | None) -> No
     if rec is None:
         return
     client = tracker.client
-    tags = {"recommended.unfrozen": int(rec["unfrozen"]),
+    tags = {"recommended.strategy": rec["strategy"], "recommended.unfrozen": int(rec["unfrozen"]),
             "recommended.lr_head": repr(float(rec["lr_head"])),
             "recommended.settled": str(bool(rec["settled"])).lower()}
     if rec["unfrozen"] > 0:
         tags["recommended.lr_backbone"] = repr(float(rec["lr_backbone"]))
+    if rec["strategy"] != DEPTH:  # its parameters, as the command gives them
+        tags["recommended.schedule"] = rec["schedule"]
+        tags["recommended.command"] = rec["command"]
     metrics = {"recommended.val_acc_mean": rec["val_acc"],
                "recommended.val_acc_ci_low": rec["val_acc_low"],
                "recommended.val_acc_ci_high": rec["val_acc_high"],
@@ -516,8 +619,11 @@ def show(report: Report) -> None:
     # Off a terminal (logs, CI) rich assumes 80 columns and would cut the table's headers.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     conf = report.decision.confidence if report.decision else 0.95
-    table = Table(title=f"Study {report.study}: one row per freeze depth")
-    cols = ["unfrozen", "lr_head", "lr_backbone", "repeats", "val acc",
+    mixed = _mixed(report.table)
+    table = Table(title=f"Study {report.study}: one row per freeze "
+                  + ("strategy and depth" if mixed else "depth"))
+    cols = [*(["strategy", "units/step"] if mixed else []), "unfrozen", "lr_head",
+            "lr_backbone", "repeats", "val acc",
             f"{conf:.0%} CI", "vs best", "status", "test acc", "time (s)", "speed-up",
             "trials", "pruned"]
     for c in cols:
@@ -528,14 +634,15 @@ def show(report: Report) -> None:
         status = g("status") if measured else "–"
         if status == UNDECIDED and not math.isnan(g("more", math.nan)):
             status += f" ~{int(g('more'))}"
-        cells = [str(int(row.unfrozen)), _fmt(g("lr_head"), ".3g"), _fmt(g("lr_backbone"), ".3g"),
+        arm = [str(row.strategy), _fmt(g("units"), ".2f")] if mixed else []
+        cells = [*arm, str(int(row.unfrozen)), _fmt(g("lr_head"), ".3g"), _fmt(g("lr_backbone"), ".3g"),
                  _fmt(g("repeats"), ".0f"), _fmt(g("val_acc"), ".3f"),
                  f"{_fmt(g('val_acc_low'), '.3f')}–{_fmt(g('val_acc_high'), '.3f')}"
                  if measured else "–",
                  _pts(g("diff")) if measured else "–", status, _fmt(g("test_acc"), ".3f"),
                  _fmt(g("train_time_s"), ".2f"), _fmt(g("speedup_vs_full"), ".2f"),
                  str(int(row.trials)), str(int(row.pruned))]
-        chosen = report.recommended and row.unfrozen == report.recommended["unfrozen"]
+        chosen = report.recommended and _arm(row) == _arm(report.recommended)
         table.add_row(*cells, style="bold green" if chosen else None)
     console.print(table)
     console.print(f"[bold]Recommendation:[/bold] {report.explanation}")
