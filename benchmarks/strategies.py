@@ -1,6 +1,7 @@
 """Fixed depths against progressive freezing and gradual unfreezing, on the default trial.
 
     .venv/bin/python -m benchmarks.strategies [--seeds N] [--only NAME ...] [--tiny] [OVERRIDE ...]
+    .venv/bin/python -m benchmarks.strategies --count [OVERRIDE ...]
 
 Every configuration is a whole trial (``sweeper.trial.run_trial``, logged to a throw-away
 MLflow store): the same data, pretrained weights, epochs and learning rates (the config's);
@@ -16,6 +17,11 @@ the trainable units (progressive, gradual), and validation and test accuracy (me
 standard deviation over seeds). OVERRIDEs are Hydra overrides of conf/config.yaml, applied to
 every configuration. ``--tiny``: random weights and FakeData, 3 epochs, one seed (a smoke
 test). Not a test.
+
+``--count``: no training; the training compute of each configuration, counted instead of
+timed (so it does not depend on the machine's load): the forward and backward FLOPs of one
+step of the trainable suffix at every cut (torch's ``FlopCounterMode``), summed over the
+schedule's steps, as a share of full fine-tuning's. The optimizer step is not counted.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from sweeper import schedule as sched
 from sweeper.config import compose
+from sweeper.data import load
+from sweeper.model import build
 from sweeper.pretrain import resolve_weights
 from sweeper.trial import run_trial
 
@@ -56,6 +65,43 @@ def configurations(num_units: int) -> dict[str, list[str]]:
     }
 
 
+def count(overrides: list[str]) -> None:
+    """Print each configuration's counted training compute (``--count``)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sweeper.train import steps_per_epoch
+
+    cfg = compose(overrides=[*overrides, "backbone.weights=none", "trainer.device=cpu"])
+    n, bs, epochs = int(cfg.backbone.num_units), int(cfg.trainer.batch_size), int(cfg.trainer.epochs)
+    data = load(cfg.dataset)
+    per_epoch = steps_per_epoch(len(data.train), bs)[1]
+    model, _ = build(cfg.backbone, len(data.classes), n, None)
+    size = int(cfg.dataset.image_size)
+    images = torch.randn(bs, 3, size, size)
+    flops = {}  # unfrozen -> forward+backward FLOPs of one step
+    for unfrozen in range(n + 1):
+        model.set_unfrozen(unfrozen)
+        model.train()
+        x = model.forward_frozen(images)
+        with FlopCounterMode(display=False) as counter:
+            model.forward_trainable(x).sum().backward()
+        flops[unfrozen] = counter.get_total_flops()
+        model.zero_grad(set_to_none=True)
+    print(f"{cfg.backbone.name} ({n} units), {size}px, batch {bs}, {per_epoch} steps x {epochs} "
+          "epochs; GFLOPs of one training step by unfrozen: "
+          + ", ".join(f"{u}: {f / 1e9:.2f}" for u, f in flops.items()))
+    print("| configuration | GFLOPs (training) | share of full |\n|---|---|---|")
+    totals = {}
+    for name, extra in configurations(n).items():
+        c = compose(overrides=[*overrides, *extra])
+        plan = sched.build(c.freeze, c.optim, n, per_epoch, epochs)
+        totals[name] = sum(flops[plan.unfrozen(t)] for t in range(plan.steps))
+    full = totals[f"depth {n} (full)"]
+    for name, total in totals.items():
+        print(f"| {name} | {total / 1e9:.0f} | {total / full:.2f} |")
+
+
 def _mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
@@ -67,8 +113,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="names (or the start of names) of the configurations to run")
     parser.add_argument("--tiny", action="store_true", help="a smoke test: random weights, FakeData")
+    parser.add_argument("--count", action="store_true",
+                        help="count each configuration's training FLOPs instead of timing it")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.count:
+        count(args.overrides)
+        return
     logging.basicConfig(level=logging.WARNING)
     overrides = [*(TINY if args.tiny else []), *args.overrides]
     seeds = 1 if args.tiny else args.seeds
@@ -97,8 +148,10 @@ def main() -> None:
         for name, extra in configs.items():
             r = run_trial(compose(overrides=[*base, *extra, f"trainer.seed={seed}"]))
             results[name].append(r)
-            print(f"  seed {seed} {name}: train_time_s {r['train_time_s']:.2f}, "
-                  f"val_acc {r['val_acc']:.3f}", flush=True)
+            print(f"  seed {seed} {name}: train_time_s {r['train_time_s']:.2f}, steps "
+                  f"{r['train_steps_s']:.2f}, switches {r['switch_time_s']:.2f}, val_acc "
+                  f"{r['val_acc']:.3f}, test_acc {r['test_acc']:.3f}; load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
     full = results.get(f"depth {n} (full)")
     print(f"\n{time.perf_counter() - started:.0f} s in all; load average {os.getloadavg()[0]:.1f}\n")
     print("| configuration | train time (s) | vs full | steps (s) | switches (s) | val acc | test acc |")
