@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 
 from omegaconf import DictConfig
 
@@ -272,4 +273,4 @@ def mean_units(strategy: str, unfrozen: int, num_units: int, epochs: int,
     freeze = OmegaConf.create({**values, "strategy": strategy, "unfrozen": unfrozen})
     plan = build(freeze, OmegaConf.create({"schedule": "cosine"}), num_units, 1000, epochs)
     changes = [*plan.changes(), (plan.steps, 0)]
-    return sum(n * (b[0] - a) for (a, n), b in zip(changes, changes[1:])) / plan.steps
+    return sum(n * (b[0] - a) for (a, n), b in pairwise(changes)) / plan.steps

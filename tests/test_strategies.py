@@ -386,3 +386,19 @@ def test_the_rule_weighs_each_strategy_by_the_units_it_trains_and_names_it():
                            "freeze from 0.5 to 1 of training (cubic)")
     assert "The best mean is depth 9's" in text and "freeze=progressive unfrozen=9 is at most" in text
     assert "cheaper configurations" in text and "settled" in text
+
+
+def test_the_command_of_a_row_trains_its_strategy_with_its_parameters():
+    from sweeper.report._study import _train_command
+
+    params = {"freeze.strategy": "gradual", "freeze.unfrozen": "4", "optim.lr_head": "0.1",
+              "optim.lr_backbone": "0.01", "freeze.head_epochs": "2", "freeze.every": "1",
+              "freeze.units_each": "2", "freeze.new_lr_scale": "0.5", "optim.layer_decay": "0.8"}
+    words = _train_command("python -m sweeper.run dataset=digits freeze.unfrozen=9", params).split()
+    assert {"dataset=digits", "freeze=gradual", "freeze.unfrozen=4", "freeze.head_epochs=2",
+            "freeze.units_each=2", "freeze.new_lr_scale=0.5", "optim.layer_decay=0.8"} <= set(words)
+    assert "freeze.unfrozen=9" not in words
+    depth = _train_command("python -m sweeper.run", {**params, "freeze.strategy": "depth",
+                                                     "optim.layer_decay": "1.0"}).split()
+    assert "freeze.unfrozen=4" in depth and not any(w.startswith(("freeze=", "freeze.head", "optim.layer"))
+                                                     for w in depth)
