@@ -21,7 +21,8 @@ searched value) and in their *repeat key* (``trainer.seed``, ``dataset.split_see
    ``worse`` when its upper end is below ``-tolerance``; else ``undecided``. The reference is
    within.
 6. **Recommendation.** The cheapest arm that is within: fewer unfrozen units is cheaper (every
-   unfrozen unit adds its forward and backward pass to every step). The answer is *settled*
+   unfrozen unit adds its forward and backward pass to every step; the report's arms over
+   freeze strategies cost the mean number of units that train per step). The answer is *settled*
    when every cheaper arm is worse; otherwise the undecided ones are named with the repeats
    that would settle each: the smallest ``n`` with ``t(n-1) * s / sqrt(n)`` below the distance of
    the mean difference from ``-tolerance`` (``s``: the standard deviation of the paired

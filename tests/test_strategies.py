@@ -402,3 +402,16 @@ def test_the_command_of_a_row_trains_its_strategy_with_its_parameters():
                                                      "optim.layer_decay": "1.0"}).split()
     assert "freeze.unfrozen=4" in depth and not any(w.startswith(("freeze=", "freeze.head", "optim.layer"))
                                                      for w in depth)
+
+
+def test_the_default_study_sends_a_search_over_strategies_to_a_sampler_that_compares_them():
+    from sweeper.config import compose, task_config
+    from sweeper.study import search, settings_in
+
+    cfg = compose(return_hydra_config=True)
+    task = task_config(cfg)
+    settings = settings_in(task, cfg.hydra.sweeper)
+    OmegaConf.resolve(settings)
+    with pytest.raises(UserError, match="search=strategies .* or add hydra/sweeper/sampler=grid"):
+        search(settings, task, ["freeze=depth,progressive,gradual"])
+    assert "freeze" in search(settings, task, ["freeze=progressive"]).space.fixed  # one strategy

@@ -66,6 +66,7 @@ from sweeper.tracking import Param
 log = logging.getLogger("sweeper.study")
 
 DEPTH = str(Param.UNFROZEN)
+STRATEGY = "freeze"  # the freeze strategy's config group (conf/freeze/), as a sweep names it
 REPEAT_KEYS = (str(Param.SEED), str(Param.SPLIT_SEED))  # the default study's repeat keys
 PLAN = "plan"  # trial user attr: why the sampler chose this trial
 
@@ -104,6 +105,12 @@ def with_repeats(space: Space, repeat_keys: Sequence[str], depth: Any) -> Space:
     is a range of one: its learning-rate search and repeats), and the repeat keys sampled (one
     higher per repeat; a command-line value, ``trainer.seed=5``, is where they start)."""
     out = Space(dict(space.sampled), dict(space.fixed), dict(space.conditions))
+    if STRATEGY in out.sampled:  # its arms are depths: a strategy would be a mere setting
+        raise UserError("The depth sampler compares the depths of one freeze strategy; to search "
+                        "the strategy too (freeze=depth,progressive,gradual), run -m "
+                        "search=strategies (TPE over the strategies and their parameters) or add "
+                        "hydra/sweeper/sampler=grid (every combination). The report puts each "
+                        "(strategy, depth) on its own row either way.")
     if DEPTH not in out.sampled:
         value = out.fixed.pop(DEPTH, depth)
         try:
