@@ -72,8 +72,16 @@ def test_prune_keeps_only_what_is_named(make_cfg, tmp_path):
     assert StateStore(tmp_path / "none").run_ids() == []
 
 
-def test_a_test_set_left_to_later_gets_the_same_accuracy(make_cfg, tmp_path, mlflow_client):
-    cfg = make_cfg("freeze.unfrozen=3", "trainer.epochs=2", "trainer.deterministic=true")
+@pytest.mark.parametrize("freeze", [
+    ["freeze.unfrozen=3"],
+    # units frozen again before the end: their weights are this run's, kept with the rest
+    ["freeze=progressive", "freeze.unfrozen=3", "freeze.start=0.3"],
+    # the head alone first, then units unfrozen from the top: the model at the end trains 3
+    ["freeze=gradual", "freeze.unfrozen=3", "freeze.units_each=2"],
+], ids=["depth", "progressive", "gradual"])
+def test_a_test_set_left_to_later_gets_the_same_accuracy(make_cfg, tmp_path, mlflow_client,
+                                                         freeze):
+    cfg = make_cfg(*freeze, "trainer.epochs=2", "trainer.deterministic=true")
     now = run_trial(cfg)
     store = StateStore(tmp_path / "states")
     later = run_trial(cfg, keep=store)

@@ -322,9 +322,13 @@ def test_the_strategies_search_space_samples_each_strategy_its_own_parameters(ou
     assert seen == {"depth", "progressive", "gradual"}
 
 
-def test_a_study_over_strategies_runs_and_its_trials_say_which(cli, outputs, mlflow_client):
+def test_a_study_over_strategies_runs_and_its_trials_say_which(cli, outputs, mlflow_client,
+                                                              make_cfg):
+    from sweeper.report import trial_frame
+    from sweeper.tracking import Tracker
+
     done = cli("freeze=depth,progressive,gradual", "freeze.unfrozen=3", "trainer.epochs=2",
-               "hydra/sweeper/sampler=grid", flags=("-m",))
+               "optim.layer_decay=0.8", "hydra/sweeper/sampler=grid", flags=("-m",))
     assert done.returncode == 0, done.stderr[-4000:]
     exp = mlflow_client.get_experiment_by_name("sweeper")
     runs = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'trial'")
@@ -339,15 +343,26 @@ def test_a_study_over_strategies_runs_and_its_trials_say_which(cli, outputs, mlf
     table = pd.read_csv(report.parent / "depths.csv")
     assert sorted(table.strategy) == ["depth", "gradual", "progressive"]
     assert "## Per strategy and depth" in text and "units/step" in text
-    recommended = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'study'")[0]
-    tags = recommended.data.tags
+    parent = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'study'")[0]
+    # each trial's command trains its strategy with its parameters, and nothing of the others
+    trials = trial_frame(Tracker(make_cfg().tracking), parent.info.run_id)
+    commands = {s: set(c.split()) for s, c in zip(trials.strategy, trials.command, strict=True)}
+    assert all({"freeze.unfrozen=3", "optim.layer_decay=0.8"} <= c for c in commands.values())
+    assert not any(w.startswith(("freeze=p", "freeze=g", "freeze.start", "freeze.head"))
+                   for w in commands["depth"])
+    assert {"freeze=progressive", "freeze.start=0.5", "freeze.end=1.0", "freeze.spacing=linear"} \
+        <= commands["progressive"]
+    assert {"freeze=gradual", "freeze.head_epochs=1", "freeze.every=1", "freeze.units_each=1",
+            "freeze.new_lr_scale=1.0"} <= commands["gradual"]
+    assert not any(w.startswith("freeze.start") for w in commands["gradual"])
+    tags = parent.data.tags
     assert tags["recommended.strategy"] in {"depth", "progressive", "gradual"}
     if tags["recommended.strategy"] != "depth":
         assert f"freeze={tags['recommended.strategy']}" in tags["recommended.command"].split()
 
 
 def _trials(rows):
-    """A study's trials as the report reads them from MLflow (sweeper.report._study.trial_frame)."""
+    """A study's trials as the report reads them from MLflow (sweeper.report.trial_frame)."""
     out = []
     for i, (strategy, unfrozen, seed, val_acc) in enumerate(rows):
         values = {"progressive": {"start": 0.5, "end": 1.0, "spacing": "cubic"}}.get(strategy, {})
@@ -365,8 +380,7 @@ def _trials(rows):
 
 
 def test_the_rule_weighs_each_strategy_by_the_units_it_trains_and_names_it():
-    from sweeper.report import recommend
-    from sweeper.report._study import decide_study, depth_table
+    from sweeper.report import decide_study, depth_table, recommend
 
     # Three seeds each: full fine-tuning best, progressive (6.6 units a step on average) 0.2
     # points below it, two fixed units 5 points below.
@@ -386,22 +400,6 @@ def test_the_rule_weighs_each_strategy_by_the_units_it_trains_and_names_it():
                            "freeze from 0.5 to 1 of training (cubic)")
     assert "The best mean is depth 9's" in text and "freeze=progressive unfrozen=9 is at most" in text
     assert "cheaper configurations" in text and "settled" in text
-
-
-def test_the_command_of_a_row_trains_its_strategy_with_its_parameters():
-    from sweeper.report._study import _train_command
-
-    params = {"freeze.strategy": "gradual", "freeze.unfrozen": "4", "optim.lr_head": "0.1",
-              "optim.lr_backbone": "0.01", "freeze.head_epochs": "2", "freeze.every": "1",
-              "freeze.units_each": "2", "freeze.new_lr_scale": "0.5", "optim.layer_decay": "0.8"}
-    words = _train_command("python -m sweeper.run dataset=digits freeze.unfrozen=9", params).split()
-    assert {"dataset=digits", "freeze=gradual", "freeze.unfrozen=4", "freeze.head_epochs=2",
-            "freeze.units_each=2", "freeze.new_lr_scale=0.5", "optim.layer_decay=0.8"} <= set(words)
-    assert "freeze.unfrozen=9" not in words
-    depth = _train_command("python -m sweeper.run", {**params, "freeze.strategy": "depth",
-                                                     "optim.layer_decay": "1.0"}).split()
-    assert "freeze.unfrozen=4" in depth and not any(w.startswith(("freeze=", "freeze.head", "optim.layer"))
-                                                     for w in depth)
 
 
 def test_the_default_study_sends_a_search_over_strategies_to_a_sampler_that_compares_them():

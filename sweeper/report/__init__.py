@@ -1,8 +1,9 @@
 """Choose the depth: reports made from what MLflow recorded, written and logged as artifacts.
 
 - :func:`make_report` and :func:`show`: a study's table per freeze strategy and depth (keyed
-  by the columns :data:`ARM`), its intervals, plots and recommendation (:func:`recommend`) by
-  the rule of :mod:`sweeper.decision`
+  by the columns :data:`ARM`), its intervals, plots and recommendation by the rule of
+  :mod:`sweeper.decision` (:func:`decide_study` applies it to a study's trials,
+  :func:`depth_table` and :func:`recommend` put it in a table and words)
   (``_study``; its plots, ``_plots``), written under ``paths.studies`` and logged on the
   study's parent run with the answer as ``recommended.*`` tags and metrics; every finished
   study makes one. :func:`tested_runs` names the runs whose test accuracy it shows (of a
@@ -26,6 +27,8 @@ from sweeper.report._study import (
     RULE_CONFIDENCE,
     RULE_TOLERANCE,
     Report,
+    decide_study,
+    depth_table,
     make_report,
     recommend,
     show,
@@ -33,5 +36,6 @@ from sweeper.report._study import (
     trial_frame,
 )
 
-__all__ = ["ARM", "RULE_CONFIDENCE", "RULE_TOLERANCE", "Report", "make_design_report",
-           "make_report", "recommend", "show", "tested_runs", "trial_frame"]
+__all__ = ["ARM", "RULE_CONFIDENCE", "RULE_TOLERANCE", "Report", "decide_study", "depth_table",
+           "make_design_report", "make_report", "recommend", "show", "tested_runs",
+           "trial_frame"]
