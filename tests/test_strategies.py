@@ -224,6 +224,7 @@ def test_after_freezing_the_rows_are_the_frozen_units_outputs_kept_by_this_run(m
 
 
 def test_gradual_reuses_the_shared_prefix_cache(make_cfg, outputs, monkeypatch):
+    cache.MEMORY.clear()  # entries of earlier tests in this process would be hits, not files here
     _, _, plan, fed, result, _ = _fit(make_cfg, monkeypatch, _freeze("gradual"), dtype="float16")
     assert fed.train.source in ("filled", "hit (memory)", "hit (disk)") or \
         fed.train.source.startswith("derived")
