@@ -304,7 +304,7 @@ def test_the_strategies_search_space_samples_each_strategy_its_own_parameters(ou
     from sweeper.config import compose
     from sweeper.study import parse_space
 
-    cfg = compose(overrides=["search=strategies", f"paths.outputs={outputs}"],
+    cfg = compose(overrides=["hparams_search=strategies", f"paths.outputs={outputs}"],
                   return_hydra_config=True)
     sweep = cfg.hydra.sweeper
     assert sweep.sampler._target_.endswith("TPESampler") and "train_time_s" in sweep.objectives
@@ -411,6 +411,7 @@ def test_the_default_study_sends_a_search_over_strategies_to_a_sampler_that_comp
     task = task_config(cfg)
     settings = settings_in(task, cfg.hydra.sweeper)
     OmegaConf.resolve(settings)
-    with pytest.raises(UserError, match="search=strategies .* or add hydra/sweeper/sampler=grid"):
+    with pytest.raises(UserError,
+                       match="hparams_search=strategies .* or add hydra/sweeper/sampler=grid"):
         search(settings, task, ["freeze=depth,progressive,gradual"])
     assert "freeze" in search(settings, task, ["freeze=progressive"]).space.fixed  # one strategy

@@ -107,9 +107,10 @@ def with_repeats(space: Space, repeat_keys: Sequence[str], depth: Any) -> Space:
     out = Space(dict(space.sampled), dict(space.fixed), dict(space.conditions))
     if STRATEGY in out.sampled:  # its arms are depths: a strategy would be a mere setting
         raise UserError("The depth sampler compares the depths of one freeze strategy; to search "
-                        "the strategy too (freeze=depth,progressive,gradual), run -m "
-                        "search=strategies (TPE over the strategies and their parameters) or add "
-                        "hydra/sweeper/sampler=grid (every combination). The report puts each "
+                        "the strategy too (freeze=depth,progressive,gradual), run "
+                        "hparams_search=strategies (TPE over the strategies and their "
+                        "parameters) or add hydra/sweeper/sampler=grid (every combination). "
+                        "The report puts each "
                         "(strategy, depth) on its own row either way.")
     if DEPTH not in out.sampled:
         value = out.fixed.pop(DEPTH, depth)
