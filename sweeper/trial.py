@@ -202,7 +202,8 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
     run.metrics(final, step=len(result.epochs))
     # The most parameters that trained at once (for a fixed depth: all along).
     most = max(e.trainable_params for e in result.epochs)
-    params = {"trainable_params": most, "frozen_params": trainable + frozen - most}
+    params = {"trainable_params": most, "frozen_params": trainable + frozen - most,
+              "val_images": len(data.val)}
     return {**final, **cache_metrics, **params, "train_steps_s": time.train_steps_s}
 
 
