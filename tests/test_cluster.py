@@ -191,11 +191,14 @@ def test_a_job_cancelled_mid_trial_is_failed_and_retried(site, sweep):
             return None
         return trials[0] if trials and trials[0].state == TrialState.RUNNING else None
 
-    def training_run():  # the trial's MLflow run, once it has logged an epoch
+    def training_run():  # the trial's MLflow run, once it has its model (training is next)
+        # Not an epoch's metrics: a trial writes MLflow in batches (at most one a second), so
+        # epoch 1's metrics may still be buffered when its progress report waits on the held
+        # row. What the trial is (its parameter counts) is written before training starts.
         exp = site.client().get_experiment_by_name("sweeper")
         runs = site.client().search_runs([exp.experiment_id], "tags.`optuna.study_name` = "
                                          f"'{name}' and tags.`sweeper.kind` = 'trial'")
-        return runs[0] if runs and "epoch_time_s" in runs[0].data.metrics else None
+        return runs[0] if runs and "trainable_params" in runs[0].data.metrics else None
 
     trial = until("trial 0", running_trial)
     (job,) = until("its Slurm job to run", lambda: [j for j, state in site.slurm.jobs().items()
@@ -210,7 +213,7 @@ def test_a_job_cancelled_mid_trial_is_failed_and_retried(site, sweep):
                      {"id": trial._trial_id})
         assert "sweeper:progress" not in site.study(name).trials[0].system_attrs, \
             "the job reached epoch 1 before the test could hold its trial"
-        run = until("the trial to train an epoch", training_run)
+        run = until("the trial to start training", training_run)
         assert run.data.tags["slurm.job_id"] == job  # the run names its job
         site.slurm.run("scancel", job)
         until("the cancelled job to end", lambda: job not in site.slurm.jobs())
