@@ -43,15 +43,24 @@ def test_report_table_intervals_plots_recommendation_and_answer(make_cfg, mlflow
     assert table.loc[4, "repeats"] == (3 if best_lr == 0.05 else 1)
     for _, row in table.iterrows():
         assert row.val_acc_low <= row.val_acc <= row.val_acc_high
-    # the trials that need a test accuracy: every measurement behind the table's intervals
-    from sweeper.report import tested_runs  # imported here: pytest would collect test*-names
+    # the trials that may need a test accuracy: every measurement behind the table's intervals
+    from sweeper.report import candidate_runs
+    from sweeper.report import tested_runs as tested_by  # pytest would collect test*-names
 
-    tested = report.trials[report.trials.run_id.isin(tested_runs(report.trials))]
-    assert sorted(tested.unfrozen.value_counts().items()) == \
+    kept = report.trials[report.trials.run_id.isin(candidate_runs(report.trials))]
+    assert sorted(kept.unfrozen.value_counts().items()) == \
         [(d, int(table.loc[d, "repeats"])) for d in (0, 4, 9)]
-    assert all((tested[tested.unfrozen == d].lr_head == table.loc[d, "lr_head"]).all()
+    assert all((kept[kept.unfrozen == d].lr_head == table.loc[d, "lr_head"]).all()
                for d in (0, 4, 9))
     rec = report.recommended
+    # those that get one: the recommended depth's and the reference's measurements only
+    tested = report.trials[report.trials.run_id.isin(tested_by(report.trials))]
+    ends = {rec["unfrozen"], int(table[table.status == "reference"].index[0])}
+    assert set(tested.unfrozen) == ends
+    assert set(tested.run_id) == set(kept[kept.unfrozen.isin(ends)].run_id)
+    last = int(report.trials.trial.max())  # a Pareto set adds its trials
+    assert set(tested_by(report.trials, pareto=[last])) == \
+        set(tested.run_id) | set(report.trials[report.trials.trial == last].run_id)
     assert rec["status"] in ("within", "reference")
     assert "95% CI" in report.explanation
     assert f"Unfreeze the last {rec['unfrozen']} units" in report.explanation

@@ -194,7 +194,7 @@ def test_plugin_found_from_another_directory(tmp_path):
 
 
 def test_a_study_tests_the_trials_its_report_shows_at_its_end(outputs, mlflow_client):
-    from sweeper.report import make_report, tested_runs, trial_frame
+    from sweeper.report import candidate_runs, make_report, tested_runs, trial_frame
     from sweeper.states import StateStore
     from sweeper.study import optimize
     from sweeper.tracking import Tracker
@@ -203,15 +203,21 @@ def test_a_study_tests_the_trials_its_report_shows_at_its_end(outputs, mlflow_cl
     result = optimize(cfg, {"n_trials": 6, "study_name": "tested"}, progress="none",
                       arguments=["freeze.unfrozen=0,9"])
     trials = trial_frame(Tracker(cfg.tracking), result.parent_run_id)
-    shown = set(tested_runs(trials))  # each depth's trials at its chosen learning rates
-    assert len(shown) == 2 and len(trials) == 6
-    # test_acc lands on exactly those runs; the other trials' kept parts are gone
+    # the recommended depth's, the reference's and the Pareto set's (the best trial) runs
+    best = [row["trial"] for row in result.pareto]
+    assert len(best) == 1 and trials[trials.trial == best[0]].val_acc.item() == trials.val_acc.max()
+    shown = set(tested_runs(trials, pareto=best))
+    assert len(trials) == 6
+    # test_acc lands on exactly those runs; the study keeps the trained parts of each
+    # depth's trials at its chosen learning rates (a resumed study may recommend another)
     assert set(trials[trials.test_acc.notna()].run_id) == shown
-    assert set(StateStore.for_study(cfg.paths, "tested").run_ids()) == shown
+    assert set(StateStore.for_study(cfg.paths, "tested").run_ids()) == \
+        set(candidate_runs(trials)) | shown
     report = make_report(cfg, parent_run=result.parent_run_id)
-    assert report.table.test_acc.notna().all()
+    rec = report.table.set_index("unfrozen").loc[report.recommended["unfrozen"]]
+    assert rec.test_acc == report.recommended["test_acc"] > 0
     for row in result.pareto:
-        assert (row["test_acc"] is not None) == (row["mlflow_run_id"] in shown)
+        assert row["test_acc"] is not None
     # the study's overhead per trial, on its parent run
     parent = mlflow_client.get_run(result.parent_run_id)
     assert parent.data.metrics["overhead_per_trial_s"] > 0

@@ -6,7 +6,8 @@
   :func:`depth_table` and :func:`recommend` put it in a table and words)
   (``_study``; its plots, ``_plots``), written under ``paths.studies`` and logged on the
   study's parent run with the answer as ``recommended.*`` tags and metrics; every finished
-  study makes one. :func:`tested_runs` names the runs whose test accuracy it shows (of a
+  study makes one. :func:`tested_runs` names the runs whose test accuracy a study measures
+  when it ends, :func:`candidate_runs` those whose trained parts it keeps until then (of a
   study's trials, :func:`trial_frame`); the
   study's parent run records the rule as :data:`RULE_TOLERANCE` and :data:`RULE_CONFIDENCE`;
 - :func:`make_design_report`: a designed experiment's figure and table, such as Yosinski et
@@ -27,6 +28,7 @@ from sweeper.report._study import (
     RULE_CONFIDENCE,
     RULE_TOLERANCE,
     Report,
+    candidate_runs,
     decide_study,
     depth_table,
     make_report,
@@ -36,6 +38,6 @@ from sweeper.report._study import (
     trial_frame,
 )
 
-__all__ = ["ARM", "RULE_CONFIDENCE", "RULE_TOLERANCE", "Report", "decide_study", "depth_table",
-           "make_design_report", "make_report", "recommend", "show", "tested_runs",
-           "trial_frame"]
+__all__ = ["ARM", "RULE_CONFIDENCE", "RULE_TOLERANCE", "Report", "candidate_runs", "decide_study",
+           "depth_table", "make_design_report", "make_report", "recommend", "show",
+           "tested_runs", "trial_frame"]

@@ -24,7 +24,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,20 +201,36 @@ def _arm_trials(trials: pd.DataFrame, decision: Decision, arm: tuple[str, int]) 
     return mine.drop_duplicates(subset=["seed", "split_seed"])
 
 
-def tested_runs(trials: pd.DataFrame) -> list[str]:
-    """The runs whose test accuracy the report shows: every depth's measurements under the
-    rule (its complete trials at its chosen learning rates, one per seed and split). A
-    depth's test accuracy in the table is their mean, ``recommended.test_acc`` the
-    recommended depth's.
-
-    The one place that decides which trials of a study need a test accuracy. It does not
-    depend on the rule's tolerance or confidence (a report made again with other ones finds
-    the test accuracies it shows), and a trial it leaves out is never needed later: a depth's
-    learning rates change only to those of a better trial on the first seed and split, and
-    its repeats run at the rates it has.
+def candidate_runs(trials: pd.DataFrame) -> list[str]:
+    """The runs that may still need a test accuracy while a study goes on: every arm's
+    measurements under the rule (its complete trials at its chosen learning rates, one per
+    seed and split). A study keeps their trained parts; a trial this leaves out is never
+    needed later (:func:`tested_runs` picks among these): an arm's learning rates change only
+    to those of a better trial on the first seed and split, and its repeats run at the rates
+    it has. It does not depend on the rule's tolerance or confidence.
     """
     decision = decide_study(trials)
     return [run for arm in decision.arms for run in _arm_trials(trials, decision, arm).run_id]
+
+
+def tested_runs(trials: pd.DataFrame, tolerance: float = 1.0, confidence: float = 0.95,
+                pareto: Collection[int] = ()) -> list[str]:
+    """The runs whose test accuracy a study measures, once, when it ends: the measurements
+    of the recommended configuration and of the reference (the best mean, which the
+    recommendation is compared with) under the rule at ``tolerance`` and ``confidence``,
+    and the trials numbered in ``pareto`` (the study's Pareto set, Optuna's
+    ``best_trials``). ``recommended.test_acc`` and the table's test column are their means.
+
+    The one place that decides which trials get a test accuracy. The test set is for the
+    final answer, not for choosing between depths, and each evaluation is a pass over the
+    whole test split: the other depths' rows show none. Every run it names is among
+    :func:`candidate_runs` or in the Pareto set, so its trained part was kept.
+    """
+    decision = decide_study(trials, tolerance, confidence)
+    arms = dict.fromkeys(a for a in (decision.recommended, decision.reference) if a is not None)
+    runs = [run for arm in arms for run in _arm_trials(trials, decision, arm).run_id]
+    front = trials[trials.trial.isin(list(pareto)) & (trials.state == State.COMPLETE)]
+    return list(dict.fromkeys([*runs, *front.run_id]))
 
 
 def decide_study(trials: pd.DataFrame, tolerance: float = 1.0,
@@ -520,6 +536,11 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
     else:
         table = depth_table(trials, decision)
         notes += _notes(trials, decision)
+        if "test_acc" in table and table.test_acc.isna().any() and table.test_acc.notna().any():
+            notes.append("Test accuracy is measured once, when the study ends, for the "
+                         "recommended configuration, the reference and the study's Pareto set "
+                         "(`sweeper.report.tested_runs`): the test set is for the final answer, "
+                         "not for choosing a depth. The other rows show none.")
     recommended, explanation = recommend(table, decision)
     if optuna_study is None:
         optuna_study = _load_study(parent, storage)

@@ -94,13 +94,17 @@ def _row(t: FrozenTrial, names: Sequence[str],
     return row
 
 
-def pareto_rows(study: optuna.Study, names: Sequence[str],
-                test_acc: Mapping[int, float] | None = None) -> list[dict[str, Any]]:
-    """The best trials (the Pareto set; the best one for a single objective), by first objective."""
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's Pareto set: its best trials (the best one for a single objective)."""
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return []
-    best = study.best_trials if len(study.directions) > 1 else [study.best_trial]
-    rows = [_row(t, names, test_acc) for t in best]
+    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+
+
+def pareto_rows(study: optuna.Study, names: Sequence[str],
+                test_acc: Mapping[int, float] | None = None) -> list[dict[str, Any]]:
+    """The Pareto set's rows (:func:`pareto_trials`), by first objective."""
+    rows = [_row(t, names, test_acc) for t in pareto_trials(study)]
     return sorted(rows, key=lambda r: (r.get(names[0]) is None, r.get(names[0])),
                   reverse=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import pandas as pd
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
@@ -27,6 +28,7 @@ from sweeper.errors import Interrupted, UserError
 from sweeper.report import (
     RULE_CONFIDENCE,
     RULE_TOLERANCE,
+    candidate_runs,
     make_report,
     show,
     tested_runs,
@@ -36,7 +38,13 @@ from sweeper.storage import StudyLock, is_url, journal_path, open_storage, stora
 from sweeper.study import _trials
 from sweeper.study._depth import PLAN
 from sweeper.study._job import kept_states, run_job
-from sweeper.study._mlflow import fail_trial_runs, reopen, start_parent, summarize
+from sweeper.study._mlflow import (
+    fail_trial_runs,
+    pareto_trials,
+    reopen,
+    start_parent,
+    summarize,
+)
 from sweeper.study._progress import Progress
 from sweeper.study._schema import check_settings
 from sweeper.study._settings import (
@@ -332,19 +340,27 @@ class StudyRunner:
         return now
 
     def _prune_kept(self) -> None:
-        """Delete the kept trained parts the report can no longer need: those of complete
-        trials that :func:`sweeper.report.tested_runs` leaves out (bounds a long study's disk)."""
+        """Delete the kept trained parts the study can no longer need: those of complete
+        trials outside :meth:`_may_test` (bounds a long study's disk)."""
         store = kept_states(self.cfg, self.s)
         if store is None:
             return
         try:
             frame = trial_frame(self.tracker, self.parent.run_id)
             done = set(frame[frame.state == State.COMPLETE].run_id)
-            gone = store.prune(keep=set(store.run_ids()) - (done - set(tested_runs(frame))))
+            gone = store.prune(keep=set(store.run_ids()) - (done - self._may_test(frame)))
         except Exception as e:  # noqa: BLE001 - the study goes on; its end prunes again
             log.warning("kept trained parts not pruned: %s", e)
             return
         log.debug("pruned %d kept trained parts no report can need", len(gone))
+
+    def _may_test(self, frame: pd.DataFrame) -> set[str]:
+        """The runs whose trained parts the study keeps: those that may still get a test
+        accuracy (:func:`sweeper.report.candidate_runs`, and the Pareto set: a trial once
+        dominated stays so), so that a study resumed with more trials can still test what
+        it then recommends."""
+        pareto = {t.user_attrs.get("mlflow_run_id") for t in pareto_trials(self.study)}
+        return set(candidate_runs(frame)) | (pareto - {None})
 
     def _record_overhead(self, trial: FrozenTrial, wall_s: float) -> None:
         """The trial's overhead (:func:`sweeper.timing.trial_overhead`), kept with the study
@@ -469,17 +485,20 @@ class StudyRunner:
         return result
 
     def _test_for_report(self) -> tuple[dict[int, float], dict[str, float]]:
-        """Evaluate the test set of the trials the report shows (:func:`sweeper.report.tested_runs`)
-        that have no test accuracy yet, from their kept trained parts; delete the other kept
-        parts. Returns their test accuracies by trial number, and the parent run's overhead
-        metrics (:func:`sweeper.timing.overhead_per_trial`). Call under the study lock."""
+        """Evaluate the test set of the trials :func:`sweeper.report.tested_runs` names (the
+        recommendation, the reference and the Pareto set, under the study's rule) that have
+        no test accuracy yet, from their kept trained parts; delete the kept parts that
+        :meth:`_may_test` leaves out. Returns their test accuracies by trial number, and the
+        parent run's overhead metrics (:func:`sweeper.timing.overhead_per_trial`). Call
+        under the study lock."""
         study_id = self.study_id
         attrs = self.storage.get_study_system_attrs(study_id)
         store = kept_states(self.cfg, self.s)
         accs: dict[int, float] = {}
         frame = trial_frame(self.tracker, self.parent.run_id)
         if store is not None and not frame.empty:
-            needed = set(tested_runs(frame))
+            needed = set(tested_runs(frame, float(self.s.tolerance), float(self.s.confidence),
+                                     [t.number for t in pareto_trials(self.study)]))
             todo = frame[frame.run_id.isin(needed) & frame.test_acc.isna()]
             kept = set(store.run_ids())
             # Most units unfrozen first: each deeper cut's test entry derives from the last.
@@ -500,7 +519,7 @@ class StudyRunner:
                          "%.1f s", self.name, len(accs), spent.s)
             tested_s = float(attrs.get(_TESTED_S, 0.0)) + spent.s
             self.storage.set_study_system_attr(study_id, _TESTED_S, tested_s)
-            store.prune(keep=needed)
+            store.prune(keep=needed | self._may_test(frame))
         else:
             tested_s = float(attrs.get(_TESTED_S, 0.0))
         overheads = [float(v) for k, v in attrs.items() if k.startswith(_trials.OVERHEAD)]
