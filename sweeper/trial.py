@@ -235,6 +235,19 @@ def _origin_tags(origin: str) -> dict[str, str]:
     return tags
 
 
+def load_kept(store: StateStore, key: str,
+              device: torch.device) -> tuple[FreezeNet, DictConfig, data_mod.Data]:
+    """The trained model of the trial kept as ``key`` in ``store`` (its MLflow run id) on
+    ``device``, with its config and data: rebuilt from the kept config (same pretrained
+    weights, same frozen units, checked: :class:`sweeper.states.StateMismatch`) and given
+    the kept trained part."""
+    cfg = store.config(key)
+    data = data_mod.load(cfg.dataset)
+    model, _ = build_model(cfg, len(data.classes), device)
+    store.load(key, model)
+    return model, cfg, data
+
+
 def evaluate_kept(key: str, store: StateStore, tracker: Tracker) -> float:
     """Test accuracy of the trial kept as ``key`` in ``store`` (its MLflow run id), logged on
     its run as ``test_acc``, as :func:`run_trial` would have measured it at its end.
@@ -246,9 +259,7 @@ def evaluate_kept(key: str, store: StateStore, tracker: Tracker) -> float:
     cfg = store.config(key)
     device = resolve_device(str(cfg.trainer.device))
     seed_everything(cfg.trainer, device)  # the trial's threads and determinism settings
-    data = data_mod.load(cfg.dataset)
-    model, _ = build_model(cfg, len(data.classes), device)
-    store.load(key, model)
+    model, cfg, data = load_kept(store, key, device)
     test = feeds.test_feed(model, data, cfg.get("cache"), device, bool(cfg.trainer.amp))
     test_acc = evaluate(model, test, data.normalize.to(device), device, _eval_batch(cfg),
                         bool(cfg.trainer.amp))

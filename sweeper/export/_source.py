@@ -42,12 +42,9 @@ class Trained:
 
 
 def _from_store(store: StateStore, run_id: str, source: str) -> Trained:
-    from sweeper.trial import build_model
+    from sweeper.trial import load_kept
 
-    cfg = store.config(run_id)
-    data = data_mod.load(cfg.dataset)
-    net, _ = build_model(cfg, len(data.classes), torch.device("cpu"))
-    store.load(run_id, net)
+    net, cfg, data = load_kept(store, run_id, torch.device("cpu"))
     return Trained(net.eval(), cfg, data, source, run_id)
 
 
