@@ -28,6 +28,11 @@ from sweeper.trial import run_trial
 
 log = logging.getLogger("sweeper.study")
 
+# What a complete trial's Optuna user attrs hold of its result (of sweeper.trial.RESULTS): the
+# depth sampler reads val_images, the Pareto table the others.
+USER_ATTRS = ("best_val_acc", "train_time_s", "time_per_epoch_s", "trainable_params",
+              "val_images")
+
 
 def hydra_trial(cfg: DictConfig) -> tuple[DictConfig, int] | None:
     """When this Hydra job is a trial of a study: the study's settings (resolved against the
@@ -95,10 +100,9 @@ def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any
     finally:
         heartbeat.close()
     trial.set_user_attr("mlflow_run_id", result["run_id"])
-    for key in ("test_acc", "best_val_acc", "train_time_s", "time_per_epoch_s",
-                "trainable_params", "val_images"):
-        if key in result:
-            trial.set_user_attr(key, result[key])
+    # test_acc only where the trial measured it (else the study does, at its end)
+    for key in (*USER_ATTRS, *(("test_acc",) if "test_acc" in result else ())):
+        trial.set_user_attr(key, result[key])  # a result without one is a bug: fail loudly
     values = [float(result[o]) for o in objectives]
     told = study.tell(number, values, skip_if_finished=True)
     if told.state != TrialState.COMPLETE:  # declared lost meanwhile (no heartbeat seen)
