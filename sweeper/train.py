@@ -146,6 +146,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _units(n: int) -> str:
+    """``1 unit``, ``3 units``: for the training log."""
+    return f"{n} unit" if n == 1 else f"{n} units"
+
+
 def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
         device: torch.device, on_epoch: Callable[[EpochStats], None] | None = None,
         feeds: Feeds | None = None, time: timing.TrialTime | None = None,
@@ -195,7 +200,8 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
                     result.time.add_switch(switch.s, recut)
                     switch_s += switch.s
                     order = order.to(feeds.train.rows.device)
-                    log.info("step %d: %d units train (%s)", step, model.unfrozen, feeds.train.source)
+                    log.info("step %d: now training %s (%s)", step, _units(model.unfrozen),
+                             feeds.train.source)
                 if i == 0:  # what this epoch trains (after the switch at its start, if any)
                     trained = (model.unfrozen, model.count_parameters()[0])
                 set_learning_rates(opt, schedule, step)
@@ -224,8 +230,8 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
                            evaluation.s, timing.images_per_s(n_used, epoch_s), *trained)
         result.epochs.append(stats)
         log.info("epoch %d/%d  loss %.4f  train_acc %.3f  val_acc %.3f  %.2fs  %.0f img/s  "
-                 "%d units", stats.epoch, epochs, stats.train_loss, stats.train_acc, stats.val_acc,
-                 stats.epoch_time_s, stats.images_per_s, stats.trainable_units)
+                 "%s trained", stats.epoch, epochs, stats.train_loss, stats.train_acc, stats.val_acc,
+                 stats.epoch_time_s, stats.images_per_s, _units(stats.trainable_units))
         if on_epoch is not None:
             on_epoch(stats)
     return result
