@@ -48,10 +48,12 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
               test_cut: int | None = None) -> Feeds:
     """How a trial's train, val and test splits reach ``model.forward_trainable``.
 
-    ``cache.mode=auto`` caches what is deterministic: val and test always, train unless
-    ``augment`` is random (then train runs through the frozen prefix every step, and the
-    reason is logged); ``on`` is the same but a random train transform is a config error;
-    ``off`` never caches. Fills and hits are timed and described for the trial's run.
+    ``cache.mode=auto`` caches what is deterministic: val always, test when the rows are
+    stored in float32 (else test runs through the model as the exported model does: rounded
+    rows would change ``test_acc``), train unless ``augment`` is random (then train runs
+    through the frozen prefix every step, and the reason is logged); ``on`` is the same but
+    a random train transform is a config error; ``off`` never caches. Fills and hits are
+    timed and described for the trial's run.
     ``cache.device_budget_mb`` caps the rows the trial keeps on a GPU (:meth:`Feeds.place`).
     Train and val are fed at the model's cut, test at ``test_cut`` (default: the same), the
     lowest cut a freeze strategy reaches in the run; :meth:`Feeds.follow` moves train and val
@@ -100,6 +102,10 @@ def _feeds(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augm
     if dtype is None:
         raise UserError(f"cache.dtype={cache.dtype}: use one of {', '.join(DTYPES)}.")
     why_not = dict.fromkeys(SPLITS, "cache.mode=off" if mode == "off" else "")
+    if dtype != torch.float32 and not why_not["test"]:
+        # test_acc is the accuracy of the model a user gets (sweeper.export runs images in
+        # float32): rows stored rounded would flip a borderline image now and then.
+        why_not["test"] = f"test runs as the exported model does, not rounded to {cache.dtype}"
     if random_train and mode != "off" and "train" in names:
         why_not["train"] = f"augment is random: {augment.describe()}"
         log.info("Feature cache (auto): train runs through the frozen prefix, %s", why_not["train"])
