@@ -23,15 +23,20 @@ the rest (:mod:`sweeper.study`). Using a store::
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sweeper import background as background_writes
 from sweeper.feeds import unit_digest
 from sweeper.model import FreezeNet
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1  # of entry files: a newer format refuses to guess at an older one
 SUFFIX = ".pt"
@@ -68,12 +73,18 @@ class StateStore:
         return self.folder / f"{key}{SUFFIX}"
 
     def save(self, key: str, model: FreezeNet, config: DictConfig,
-             frozen_digests: Sequence[str] | None = None) -> Path:
+             frozen_digests: Sequence[str] | None = None, background: bool = False) -> Path:
         """Keep ``model``'s trained part and the resolved ``config`` it was trained with.
 
         ``frozen_digests``: the :func:`~sweeper.feeds.unit_digest` of its frozen units, when
         already computed (the cache does); :meth:`load` checks them. Written to a temporary
         file and renamed into place, so a reader never sees half an entry.
+
+        With ``background``, the file is written by the process's state writer thread
+        (:data:`sweeper.background.STATES`) and this returns at once: the model must not change
+        until then (a trial drops it). This store's readers in this process (:meth:`run_ids`,
+        :meth:`config`, :meth:`load`, :meth:`prune`) wait for pending writes first; another
+        process must wait for :meth:`written` before it relies on the entry.
         """
         if frozen_digests is None:
             frozen_digests = _digests(model)
@@ -83,12 +94,39 @@ class StateStore:
                  "config": OmegaConf.to_yaml(config, resolve=True),
                  "state": trained_part(model)}
         path = self.path(key)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(entry, tmp)
-        os.replace(tmp, path)
+
+        def write() -> None:
+            tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+            try:
+                torch.save(entry, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        if not background:
+            write()
+            return path
+
+        def write_or_warn() -> None:
+            try:
+                write()
+            except Exception as e:  # noqa: BLE001 - nobody waits to hear it: said here
+                log.warning("the trained part of %s was not kept in %s (%s: %s); its test "
+                            "accuracy cannot be measured later", key, self.folder,
+                            type(e).__name__, e)
+
+        background_writes.STATES.submit(write_or_warn)
         return path
 
+    @staticmethod
+    def written() -> None:
+        """Wait until every entry this process saved in the background is on disk (a write
+        that failed leaves no entry: a reader finds none, as if the trial had kept nothing)."""
+        background_writes.STATES.drain()
+
     def _read(self, key: str) -> dict:
+        self.written()
         path = self.path(key)
         if not path.is_file():
             raise FileNotFoundError(f"no kept state {key} in {self.folder}")
@@ -126,6 +164,7 @@ class StateStore:
 
     def run_ids(self) -> list[str]:
         """The keys of the kept entries, oldest first."""
+        self.written()
         if not self.folder.is_dir():
             return []
         files = sorted(self.folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)

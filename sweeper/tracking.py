@@ -17,7 +17,8 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import wait as futures_wait
 from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from sweeper import background
 from sweeper.config import task_config
 from sweeper.errors import UserError, first_line
 
@@ -365,13 +367,14 @@ class Tracker:
         return exp.experiment_id
 
     def start(self, name: str, tags: Mapping[str, str] | None = None,
-              parent_run_id: str | None = None, flush_every_s: float = 0.0) -> Run:
-        """A new run (see :class:`Run` for ``flush_every_s``)."""
+              parent_run_id: str | None = None, flush_every_s: float = 0.0,
+              background: bool = False) -> Run:
+        """A new run (see :class:`Run` for ``flush_every_s`` and ``background``)."""
         tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             tags[Tag.PARENT.value] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        return Run(self.client, run.info.run_id, flush_every_s)
+        return Run(self.client, run.info.run_id, flush_every_s, background)
 
 
 # MLflow's limits for one log_batch call
@@ -388,14 +391,23 @@ class Run:
     instead of one transaction per call, a long epoch's metrics still appear when it ends,
     and a run always ends with everything written. (A process killed outright loses what was
     kept, at most ``flush_every_s`` of it; its run is failed as lost anyway.)
+
+    With ``background``, those writes (and :meth:`text`, :meth:`artifact`) are made in order
+    by the process's MLflow writer thread (:data:`sweeper.background.MLFLOW`) while the caller
+    goes on: a write mostly waits for the store's disk. :meth:`end` waits for them before it
+    ends the run, so an ended run holds everything; a write that failed raises its error at
+    the next write or at :meth:`end`, and its batch is written again with the next one.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every_s: float = 0.0) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, flush_every_s: float = 0.0,
+                 background: bool = False) -> None:
         self.client = client
         self.run_id = run_id
         self.flush_every_s = flush_every_s
+        self.background = background
         self._pending: dict[str, list] = {"params": [], "tags": [], "metrics": []}
         self._last_write = time.monotonic()
+        self._writes: list = []  # this run's background writes: (future, its batch or None)
 
     def params(self, params: Mapping[str, Any]) -> None:
         named = {param_name(k): str(v)[:6000] for k, v in params.items()}
@@ -414,8 +426,19 @@ class Run:
             self.flush()
 
     def flush(self) -> None:
-        """Write everything kept, in as few ``log_batch`` calls as MLflow's limits allow."""
+        """Write everything kept, in as few ``log_batch`` calls as MLflow's limits allow
+        (with ``background``: hand it to the writer thread)."""
         pending = self._pending
+        self._last_write = time.monotonic()
+        if not self.background:
+            self._write(pending)
+            return
+        self._raise_failed()
+        self._pending = {"params": [], "tags": [], "metrics": []}
+        if any(pending.values()):
+            self._submit(lambda: self._write(pending), pending)
+
+    def _write(self, pending: dict[str, list]) -> None:
         # A tag set twice before a write: the last value (one batch may not hold both).
         pending["tags"] = list({t.key: t for t in pending["tags"]}.values())
         while any(pending.values()):
@@ -423,25 +446,50 @@ class Run:
             self.client.log_batch(self.run_id, **batch)
             for kind in pending:
                 del pending[kind][:_BATCH[kind]]
-        self._last_write = time.monotonic()
+
+    def _submit(self, write: Callable[[], None], batch: dict[str, list] | None = None) -> None:
+        self._writes.append((background.MLFLOW.submit(write), batch))
+
+    def _raise_failed(self, wait: bool = False) -> None:
+        """Raise the error of a background write that failed (with ``wait``: after waiting for
+        them all); its batch goes back to the pending items, to be written with the next."""
+        if wait:
+            futures_wait([f for f, _ in self._writes])
+        done = [(f, b) for f, b in self._writes if f.done()]
+        self._writes = [(f, b) for f, b in self._writes if not f.done()]
+        failed = [(f, b) for f, b in done if f.exception() is not None]
+        for _, batch in failed:
+            for kind, items in (batch or {}).items():
+                self._pending[kind][:0] = items
+        if failed:
+            raise failed[0][0].exception()
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            self._call(self.client.log_artifacts, self.run_id, str(path), artifact_path)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._call(self.client.log_text, self.run_id, text, name)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self.background:
+            self._raise_failed()
+            self._submit(lambda: fn(*args))
+        else:
+            fn(*args)
 
     def end(self, status: str = "FINISHED", error: BaseException | str | None = None) -> None:
         """End the run with MLflow ``status``; ``error`` (an exception or a reason) is tagged.
-        Everything kept is written first."""
+        Everything kept is written first (and every background write has ended)."""
         if error is not None:
             reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
             self._pending["tags"].append(RunTag(Tag.ERROR, reason[:5000]))
-        self.flush()
+        if self.background:
+            self._raise_failed(wait=True)
+        self._write(self._pending)
         self.client.set_terminated(self.run_id, status=status)
 
     def finish(self, state: State, error: BaseException | str | None = None) -> None:

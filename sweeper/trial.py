@@ -88,7 +88,8 @@ def _hydra_context() -> tuple[list[str], list[str], Path | None]:
 
 
 # A trial's run writes its params, tags and metrics in batches at most this often (one
-# transaction each), not one transaction per call: see sweeper.tracking.Run.
+# transaction each), not one transaction per call, from the process's MLflow writer thread
+# while the trial goes on: see sweeper.tracking.Run.
 FLUSH_EVERY_S = 1.0
 
 # The final metrics run_trial returns that a study may optimise (hydra.sweeper.objectives, or
@@ -124,7 +125,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
         trial_run_name(str(cfg.backbone.name), str(cfg.dataset.name), int(cfg.freeze.unfrozen),
                        (tags or {}).get(Tag.TRIAL), strategy),
         tags={Tag.KIND: Kind.TRIAL, **(tags or {}), **input_tags(overrides, flags)},
-        parent_run_id=parent_run_id, flush_every_s=FLUSH_EVERY_S)
+        parent_run_id=parent_run_id, flush_every_s=FLUSH_EVERY_S, background=True)
     time = time if time is not None else timing.TrialTime()
     try:
         log_inputs(run, cfg, overrides, hydra_dir, flags, tagged=True)
@@ -197,7 +198,7 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
         digests = fed.frozen_digests
         keep.save(run.run_id, model, cfg,
                   digests[:model.cut] if digests is not None and len(digests) >= model.cut
-                  else None)
+                  else None, background=True)  # the model is not used after this
     final.update({**time.totals(), "peak_memory_mb": peak_memory_mb(device)})
     run.metrics(final, step=len(result.epochs))
     # The most parameters that trained at once (for a fixed depth: all along).

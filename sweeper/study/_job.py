@@ -33,6 +33,15 @@ log = logging.getLogger("sweeper.study")
 USER_ATTRS = ("best_val_acc", "train_time_s", "time_per_epoch_s", "trainable_params",
               "val_images")
 
+# Studies whose sweep runs in this process (sweeper.study.StudyRunner): its own reads of the
+# kept trained parts wait for this process's pending writes (sweeper.states.StateStore).
+_SWEPT_HERE: set[str] = set()
+
+
+def swept_here(study_name: str) -> None:
+    """Say that study ``study_name``'s sweep runs in this process."""
+    _SWEPT_HERE.add(study_name)
+
 
 def hydra_trial(cfg: DictConfig) -> tuple[DictConfig, int] | None:
     """When this Hydra job is a trial of a study: the study's settings (resolved against the
@@ -99,6 +108,8 @@ def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any
         return {"state": State.FAILED, "error": reason}
     finally:
         heartbeat.close()
+        if name not in _SWEPT_HERE:  # the sweep that reads the kept part is another process
+            StateStore.written()
     trial.set_user_attr("mlflow_run_id", result["run_id"])
     # test_acc only where the trial measured it (else the study does, at its end)
     for key in (*USER_ATTRS, *(("test_acc",) if "test_acc" in result else ())):

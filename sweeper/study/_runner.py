@@ -37,7 +37,7 @@ from sweeper.report import (
 from sweeper.storage import StudyLock, is_url, journal_path, open_storage, storage_label
 from sweeper.study import _trials
 from sweeper.study._depth import PLAN
-from sweeper.study._job import kept_states, run_job
+from sweeper.study._job import kept_states, run_job, swept_here
 from sweeper.study._mlflow import (
     fail_trial_runs,
     pareto_trials,
@@ -109,6 +109,7 @@ class StudyRunner:
         found = search(settings, cfg, arguments)
         self.space, self.n_trials, self.search = found.space, found.n_trials, found
         self.n_jobs = max(1, int(settings.n_jobs))
+        swept_here(self.name)
         self.lock = StudyLock(self.storage_spec, self.name)
         with self.lock():  # two sweeps on a new database would both create Optuna's tables
             self.storage = open_storage(self.storage_spec)

@@ -1,0 +1,88 @@
+"""What a trial no longer waits for: its MLflow writes and its kept trained part are written by
+background threads (sweeper.background). A run still ends with everything in it, a write that
+failed is not lost, and a kept state is complete whenever it is read."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
+
+from sweeper import states
+from sweeper.states import StateStore
+from sweeper.tracking import State, Tracker
+from sweeper.trial import build_model
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return Tracker(OmegaConf.create({"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e"}))
+
+
+def _slow(fn, seconds=0.05):
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+    return slow
+
+
+def test_a_background_run_ends_finished_with_everything_written(tracker, monkeypatch):
+    run = tracker.start("r", flush_every_s=0.0, background=True)  # every call: a write
+    monkeypatch.setattr(run.client, "log_batch", _slow(run.client.log_batch))
+    run.params({"optim.lr_head": 0.01})
+    for step in range(10):
+        run.metrics({"val_acc": step / 10}, step=step)
+    run.text("freeze:\n  unfrozen: 2\n", "config.yaml")
+    assert len(run._writes) > 0  # still being written while the caller goes on
+    run.finish(State.COMPLETE)
+
+    got = tracker.client.get_run(run.run_id)
+    assert got.info.status == "FINISHED" and got.data.tags["state"] == "complete"
+    assert got.data.params["optim.lr_head"] == "0.01"
+    history = tracker.client.get_metric_history(run.run_id, "val_acc")
+    assert sorted(m.step for m in history) == list(range(10))
+    assert [a.path for a in tracker.client.list_artifacts(run.run_id)] == ["config.yaml"]
+
+
+def test_a_failed_background_write_is_raised_and_written_again(tracker, monkeypatch):
+    run = tracker.start("r", flush_every_s=0.0, background=True)
+    real = run.client.log_batch
+    calls = []
+
+    def locked_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("database is locked")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run.client, "log_batch", locked_once)
+    run.metrics({"val_acc": 0.5}, step=1)
+    with pytest.raises(MlflowException, match="locked"):
+        run.finish(State.COMPLETE)  # the run is not ended as if all were written
+    assert tracker.client.get_run(run.run_id).info.status == "RUNNING"
+    run.finish(State.FAILED, "MlflowException: database is locked")  # as run_trial does
+
+    got = tracker.client.get_run(run.run_id)
+    assert got.info.status == "FAILED" and got.data.tags["state"] == "failed"
+    assert got.data.metrics["val_acc"] == 0.5  # the failed batch, written with the last one
+
+
+def test_a_state_kept_in_the_background_is_complete_when_read(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg("freeze.unfrozen=2")
+    model, _ = build_model(cfg, 5, torch.device("cpu"))
+    expected = {k: v.clone() for k, v in states.trained_part(model).items()}
+    monkeypatch.setattr(states.torch, "save", _slow(torch.save, 0.5))
+    store = StateStore(tmp_path / "states")
+
+    started = time.perf_counter()
+    store.save("run1", model, cfg, background=True)
+    assert time.perf_counter() - started < 0.5  # the trial did not wait for the file
+    assert store.run_ids() == ["run1"]  # a reader waits for it
+    rebuilt, _ = build_model(store.config("run1"), 5, torch.device("cpu"))
+    store.load("run1", rebuilt)
+    got = states.trained_part(rebuilt)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert not list((tmp_path / "states").glob("*.tmp*"))  # written, renamed into place
