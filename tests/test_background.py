@@ -1,6 +1,7 @@
 """What a trial no longer waits for: its MLflow writes and its kept trained part are written by
-background threads (sweeper.background). A run still ends with everything in it, a write that
-failed is not lost, and a kept state is complete whenever it is read."""
+background threads (sweeper.background), and its network is copied from the last one built.
+A run still ends with everything in it, a write that failed is not lost, a kept state is
+complete whenever it is read, and a copied network is the one a fresh build gives."""
 
 from __future__ import annotations
 
@@ -86,3 +87,21 @@ def test_a_state_kept_in_the_background_is_complete_when_read(make_cfg, tmp_path
     got = states.trained_part(rebuilt)
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     assert not list((tmp_path / "states").glob("*.tmp*"))  # written, renamed into place
+
+
+def test_a_copied_network_is_the_one_a_fresh_build_gives(make_cfg):
+    # A seed no other test builds with: the first build is fresh, the second a copy of it.
+    cfg = make_cfg("freeze.unfrozen=3", "freeze.transferred=6", "trainer.seed=80531")
+
+    def build():
+        model, _ = build_model(cfg, 5, torch.device("cpu"))
+        return model.state_dict(), torch.get_rng_state()
+
+    fresh, rng_fresh = build()
+    copied, rng_copied = build()
+    assert torch.equal(rng_fresh, rng_copied)  # what training draws next is the same
+    assert fresh.keys() == copied.keys()
+    assert all(torch.equal(fresh[k], copied[k]) for k in fresh)
+    other, _ = build_model(make_cfg("freeze.unfrozen=3", "trainer.seed=80532"), 5,
+                           torch.device("cpu"))
+    assert not torch.equal(other.state_dict()["units.0.0.weight"], fresh["units.0.0.weight"])

@@ -26,6 +26,8 @@ built on the meta device, so counting costs no weights), which is what
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 from typing import Any
@@ -274,6 +276,32 @@ def weights_from_file(backbone: DictConfig, path: str) -> StateDict:
     return from_file(path)
 
 
+# The last network built from random weights in this process, with the random generator's
+# state before and after: a trial's network is rebuilt by copying it (its random init, which
+# the pretrained weights then mostly replace, costs several times a copy on the CPU).
+_built: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+
+
+def _fresh_network(backbone: DictConfig) -> nn.Module:
+    """:func:`network`, leaving torch's random generator as building it would: a copy of the
+    last one built in this process when that was the same network from the same generator
+    state (library builders are pure functions of their arguments and the generator; a
+    custom builder is always called)."""
+    if kind_of(backbone) == "custom":
+        return network(backbone)
+    before = torch.get_rng_state()
+    key = json.dumps(identity(backbone), sort_keys=True, default=str) + \
+        hashlib.sha256(before.numpy().tobytes()).hexdigest()
+    if key in _built:
+        model, after = _built[key]
+        torch.set_rng_state(after)
+        return copy.deepcopy(model)
+    model = network(backbone)
+    _built.clear()
+    _built[key] = (copy.deepcopy(model), torch.get_rng_state())
+    return model
+
+
 def _reinitialise(unit: nn.Module) -> None:
     for module in unit.modules():
         if hasattr(module, "reset_parameters"):
@@ -292,7 +320,7 @@ def build(backbone: DictConfig, num_classes: int, unfrozen: int,
     ``state_dict()`` holds the backbone in its library's own key format.
     """
     check_backbone(backbone, unfrozen, transferred)
-    model = network(backbone)
+    model = _fresh_network(backbone)
     parts = cut(backbone, model)
     if state is not None:  # the units share the network's tensors: loading fills them too
         load_into(model, parts.classifier, state, origin, str(backbone.name))
