@@ -1,7 +1,8 @@
 """What a trial no longer waits for: its MLflow writes and its kept trained part are written by
-background threads (sweeper.background), and its network is copied from the last one built.
-A run still ends with everything in it, a write that failed is not lost, a kept state is
-complete whenever it is read, and a copied network is the one a fresh build gives."""
+background threads (sweeper.background), its network is copied from the last one built, and
+its job's config from the last trial's. A run still ends with everything in it, a write that
+failed is not lost, a kept state is complete whenever it is read, a copied network is the one
+a fresh build gives, and a job's config (its ``.hydra/`` folder) is the one Hydra composes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from sweeper import states
+from sweeper.config import compose
 from sweeper.states import StateStore
 from sweeper.tracking import State, Tracker
 from sweeper.trial import build_model
@@ -105,3 +107,21 @@ def test_a_copied_network_is_the_one_a_fresh_build_gives(make_cfg):
     other, _ = build_model(make_cfg("freeze.unfrozen=3", "trainer.seed=80532"), 5,
                            torch.device("cpu"))
     assert not torch.equal(other.state_dict()["units.0.0.weight"], fresh["units.0.0.weight"])
+
+
+def test_each_trial_job_holds_the_config_hydra_composes_for_it(cli, outputs):
+    # TPE over depth and learning rates, lr_backbone only when something trains: trials of
+    # other values (copied from the last one) and of other keys (composed again).
+    r = cli("hydra.mode=MULTIRUN", "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=tpe",
+            "hydra/sweeper/objectives=accuracy_time", "hydra/sweeper/pruner=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted((outputs / "multirun").rglob(".hydra/overrides.yaml"))
+    assert len(jobs) == 4
+    for overrides_file in jobs:
+        folder = overrides_file.parent
+        overrides = list(OmegaConf.load(overrides_file))
+        hydra = OmegaConf.load(folder / "hydra.yaml").hydra
+        assert list(hydra.overrides.task) == overrides
+        assert str(hydra.job.num) == folder.parent.name
+        want = compose("config", [*hydra.overrides.hydra, *overrides])
+        assert (folder / "config.yaml").read_text() == OmegaConf.to_yaml(want)

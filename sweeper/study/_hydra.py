@@ -3,24 +3,39 @@
 Registered with Hydra by ``hydra_plugins/sweeper_optuna`` (Hydra loads plugins only from the
 ``hydra_plugins`` namespace), a shim that imports this package only when a sweep starts.
 Each trial is one ``launch`` of one job, from one thread per worker, so with ``n_jobs=N`` a
-finished worker starts the next trial at once: no batches.
+finished worker starts the next trial at once: no batches. With Hydra's basic launcher (jobs
+in this process, the default) the sweep runs each job as that launcher would, with its config
+from :class:`TrialConfigs` (the last trial's, with the sampled values set).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
+from hydra._internal.config_loader_impl import get_overrides_dirname
+from hydra.core.config_loader import ConfigLoader
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobStatus
+from hydra.core.utils import (
+    JobReturn,
+    JobStatus,
+    configure_log,
+    filter_overrides,
+    run_job,
+    setup_globals,
+)
 from hydra.experimental.callback import Callback
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweeper.config import task_config
 from sweeper.errors import UserError
@@ -31,6 +46,8 @@ from sweeper.study._space import quote
 from sweeper.validate import check_config
 
 log = logging.getLogger("sweeper.study")
+
+_ABSENT = object()
 
 
 class HydraSweeper:
@@ -43,6 +60,8 @@ class HydraSweeper:
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
         self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
@@ -55,7 +74,8 @@ class HydraSweeper:
         settings = check_settings(hc.sweeper, task, arguments, choices=hc.runtime.choices,
                                   sweep_dir=hc.sweep.dir, storage=False)
         launcher = self.launcher
-        if type(launcher).__name__ == "BasicLauncher":
+        here = type(launcher).__name__ == "BasicLauncher"
+        if here:
             one_at_a_time(settings, "Hydra's basic launcher runs jobs in this process one at a "
                                     "time; use hydra/launcher=joblib (or submitit_local) for "
                                     "parallel trials")
@@ -68,9 +88,14 @@ class HydraSweeper:
                             settings.n_jobs)
         storage: list[str] = []
 
+        configs = TrialConfigs(self.hydra_context.config_loader, self.config) if here else None
+
         def launch(number: int, overrides: list[str]) -> None:
             job = [*overrides, f"hydra.sweeper.trial={number}", *storage]
-            (ret,) = launcher.launch([job], initial_job_idx=number)
+            if configs is not None:
+                ret = self._launch_here(configs, job, number)
+            else:
+                (ret,) = launcher.launch([job], initial_job_idx=number)
             if ret.status == JobStatus.FAILED:
                 ret.return_value  # noqa: B018 - re-raises the job's exception
 
@@ -80,6 +105,97 @@ class HydraSweeper:
         storage.append(f"hydra.sweeper.storage={quote(runner.storage_spec)}")
         storage.append(f"hydra.sweeper.study_name={quote(runner.name)}")
         return runner.run(str(settings.get("progress", "auto")))
+
+
+    def _launch_here(self, configs: TrialConfigs, job: list[str], number: int) -> JobReturn:
+        """What Hydra's basic launcher does for one job, with its config from ``configs``."""
+        hc = self.config.hydra
+        setup_globals()
+        configure_log(hc.hydra_logging, hc.verbose)
+        Path(str(hc.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info("Launching 1 jobs locally")
+        log.info("\t#%d : %s", number, " ".join(filter_overrides(job)))
+        cfg = configs(job)
+        with open_dict(cfg):
+            cfg.hydra.job.id = number
+            cfg.hydra.job.num = number
+        try:
+            return run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                           config=cfg, job_dir_key="hydra.sweep.dir",
+                           job_subdir_key="hydra.sweep.subdir")
+        finally:
+            configure_log(hc.hydra_logging, hc.verbose)
+
+
+class TrialConfigs:
+    """The config of each trial's job, as Hydra's ``load_sweep_config`` composes it, without
+    composing every one from the config files.
+
+    A study's trials differ only in the values its search space samples. Once Hydra has
+    composed one trial's config, a trial whose overrides differ from that one's only in the
+    values of the same plain keys (``key=value``, a value that is not a dict or a list, a key
+    that is not a config group) gets a copy of it with those values set as Hydra sets them
+    (``OmegaConf.update``), and Hydra's override lists and ``hydra.job.override_dirname``
+    rewritten; any other difference (a group choice, ``+``/``~``/``++``, another set of keys)
+    is composed by Hydra again. Composing costs about 0.1 s of CPU per trial, the copy about
+    a tenth of that.
+    """
+
+    def __init__(self, config_loader: ConfigLoader, master: DictConfig) -> None:
+        self.loader = config_loader
+        self.master = master
+        self._last: tuple[list[Override], DictConfig] | None = None
+
+    def __call__(self, overrides: list[str]) -> DictConfig:
+        parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+        cfg = self._from_last(parsed) if self._last is not None else None
+        if cfg is None:
+            cfg = self.loader.load_sweep_config(self.master, list(overrides))
+            self._last = (parsed, copy.deepcopy(cfg))
+        return cfg
+
+    def _from_last(self, parsed: list[Override]) -> DictConfig | None:
+        before, last = self._last
+        if len(before) != len(parsed):
+            return None
+        changed = []
+        for old, new in zip(before, parsed, strict=True):
+            if old.input_line == new.input_line:
+                continue
+            key = new.key_or_group
+            if old.key_or_group != key or not (_plain(old) and _plain(new)) \
+                    or key in last.hydra.runtime.choices or not _leaf(last, key):
+                return None
+            changed.append(new)
+        if len({o.key_or_group for o in changed}) != len(changed):
+            return None
+        cfg = copy.deepcopy(last)
+        for o in changed:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        task = [o for o in parsed if not o.is_hydra_override()]
+        hc = cfg.hydra
+        hc.overrides.hydra = [*self.master.hydra.overrides.hydra,
+                              *(o.input_line for o in parsed if o.is_hydra_override())]
+        hc.overrides.task = [o.input_line for o in task]
+        dirname = hc.job.config.override_dirname
+        hc.job.override_dirname = get_overrides_dirname(
+            overrides=task, kv_sep=dirname.kv_sep, item_sep=dirname.item_sep,
+            exclude_keys=dirname.exclude_keys)
+        OmegaConf.copy_cache(from_config=self.master, to_config=cfg)
+        return cfg
+
+
+def _plain(o: Override) -> bool:
+    """``key=value``: a change of one value (not a group, a package, an addition or a
+    deletion, a sweep, a dict or a list)."""
+    return (o.type == OverrideType.CHANGE and o.package is None and "/" not in o.key_or_group
+            and o.value_type == ValueType.ELEMENT and not isinstance(o.value(), (dict, list)))
+
+
+def _leaf(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` holds a value in ``cfg`` (not a node, not absent)."""
+    node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+    return node is not _ABSENT and not OmegaConf.is_config(node)
 
 
 class CheckBeforeWork(Callback):
