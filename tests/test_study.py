@@ -216,6 +216,10 @@ def test_a_study_tests_the_trials_its_report_shows_at_its_end(outputs, mlflow_cl
     report = make_report(cfg, parent_run=result.parent_run_id)
     rec = report.table.set_index("unfrozen").loc[report.recommended["unfrozen"]]
     assert rec.test_acc == report.recommended["test_acc"] > 0
+    # a depth's test acc is the mean over all its measurements, or none at all
+    kept = trials[trials.run_id.isin(candidate_runs(trials))]
+    whole = {d for d, g in kept.groupby("unfrozen") if set(g.run_id) <= shown}
+    assert set(report.table[report.table.test_acc.notna()].unfrozen) == whole
     for row in result.pareto:
         assert row["test_acc"] is not None
     # the study's overhead per trial, on its parent run

@@ -279,7 +279,9 @@ def depth_table(trials: pd.DataFrame, decision: Decision) -> pd.DataFrame:
                 diff_high=s.diff.high if s.diff else math.nan,
                 status=s.status, more=s.more if s.more is not None else math.nan,
                 schedule=first.schedule, units=first.units,
-                test_acc=mine.test_acc.mean(), train_time_s=time,
+                # over all its measurements, or none (a Pareto trial among them is not its mean)
+                test_acc=mine.test_acc.mean() if mine.test_acc.notna().all() else math.nan,
+                train_time_s=time,
                 speedup_vs_full=full_time / time, trainable_params=first.trainable_params,
                 run_id=mine.loc[mine.val_acc.idxmax()].run_id, command=first.command)
         rows.append(row)
