@@ -130,13 +130,15 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
     try:
         log_inputs(run, cfg, overrides, hydra_dir, flags, tagged=True)
         result = _train_and_test(cfg, run, device, on_epoch, time, keep)
+        # Inside: a write that failed (background, sweeper.tracking.Run) raises here, and the
+        # run is then ended FAILED with it and its batch written, not left RUNNING.
+        run.finish(State.COMPLETE)
     except BaseException as e:
         run.finish(_ended_by(e), "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else e)
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
             raise Interrupted(f"Interrupted: the trial's MLflow run {run.run_id} ended KILLED; "
                               "run the same command again to train it.") from None
         raise
-    run.finish(State.COMPLETE)
     test = f"test_acc {result['test_acc']:.4f}" if "test_acc" in result else "test set when the study ends"
     log.info("val_acc %.4f  %s  train_time_s %.2f  (MLflow run %s)",
              result["val_acc"], test, result["train_time_s"], run.run_id)

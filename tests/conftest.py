@@ -40,6 +40,17 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def empty_cache_memory() -> Iterator[None]:
+    """Each test starts with no feature-cache entry in this process's memory: a test that
+    expects a fill (or a write that fails) must not find an earlier test's entry."""
+    from sweeper.feeds import MEMORY
+
+    MEMORY.clear()
+    yield
+    MEMORY.clear()
+
+
 @pytest.fixture
 def outputs(tmp_path: Path) -> Path:
     """A fresh outputs/ folder (MLflow store, runs, checkpoints) for one test."""

@@ -73,6 +73,32 @@ def test_a_failed_background_write_is_raised_and_written_again(tracker, monkeypa
     assert got.data.metrics["val_acc"] == 0.5  # the failed batch, written with the last one
 
 
+def test_a_trial_whose_end_fails_to_be_written_ends_failed_not_running(make_cfg, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from sweeper.trial import run_trial
+
+    cfg = make_cfg("trainer.epochs=1")
+    tracker = Tracker(cfg.tracking)
+
+    real, calls = MlflowClient.set_terminated, []
+
+    def refuse_to_end_once(self, run_id, status=None, *args, **kwargs):
+        calls.append(status)
+        if len(calls) == 1:
+            raise MlflowException("database is locked")
+        return real(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", refuse_to_end_once)
+    with pytest.raises(MlflowException, match="locked"):
+        run_trial(cfg)
+    run = tracker.client.search_runs([tracker.experiment_id], max_results=1)[0]
+    assert calls == ["FINISHED", "FAILED"]  # never left RUNNING
+    assert run.info.status == "FAILED" and "locked" in run.data.tags["error"]
+    assert "val_acc" in run.data.metrics
+
+
+
 def test_a_state_kept_in_the_background_is_complete_when_read(make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg("freeze.unfrozen=2")
     model, _ = build_model(cfg, 5, torch.device("cpu"))

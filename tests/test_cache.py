@@ -23,13 +23,6 @@ from sweeper.trial import build_model, run_trial
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def empty_memory():
-    cache.MEMORY.clear()
-    yield
-    cache.MEMORY.clear()
-
-
 def _model(cfg, data, unfrozen: int):
     torch.manual_seed(0)
     model, _ = build(cfg.backbone, len(data.classes), unfrozen, None)
