@@ -36,7 +36,8 @@ def trial_runs(tracker: Tracker, parent_run_id: str, number: int) -> list[Any]:
 def fail_trial_runs(tracker: Tracker, parent_run_id: str | None, study_name: str, number: int,
                     reason: str, overrides: Sequence[str] = (),
                     state: State = State.FAILED) -> str | None:
-    """End the trial's unfinished runs in ``state`` with ``reason``; create one if it has none.
+    """End the trial's runs that are not already failed or killed in ``state`` with
+    ``reason``; create one if it has none.
 
     A trial that failed before its run existed (a bad override, a config that does not
     compose) still gets a FAILED child run, so MLflow shows every trial with its reason.
@@ -46,7 +47,9 @@ def fail_trial_runs(tracker: Tracker, parent_run_id: str | None, study_name: str
         return None
     runs = trial_runs(tracker, parent_run_id, number)
     for r in runs:
-        if r.info.status == "RUNNING":
+        # FINISHED too: a run that ended before its job could tell Optuna (killed in between)
+        # is not the study's result; the trial is failed, so is its run.
+        if r.info.status in ("RUNNING", "FINISHED"):
             Run(tracker.client, r.info.run_id).finish(state, reason)
     if runs:
         return runs[0].info.run_id
