@@ -85,6 +85,11 @@ class Stopwatch:
     s: float = 0.0
 
 
+def now() -> float:
+    """Seconds on the clock :func:`measure` reads (for intervals: how long since a write)."""
+    return time.perf_counter()
+
+
 @contextmanager
 def measure(device: torch.device | None = None) -> Iterator[Stopwatch]:
     """Wall time of the enclosed block, including the GPU work it queued on ``device``::

@@ -37,7 +37,7 @@ from sweeper.report import (
 from sweeper.storage import StudyLock, is_url, journal_path, open_storage, storage_label
 from sweeper.study import _trials
 from sweeper.study._depth import PLAN
-from sweeper.study._job import kept_states, run_job, swept_here
+from sweeper.study._job import SweptHere, kept_states, run_job, swept_here
 from sweeper.study._mlflow import (
     fail_trial_runs,
     pareto_trials,
@@ -109,7 +109,6 @@ class StudyRunner:
         found = search(settings, cfg, arguments)
         self.space, self.n_trials, self.search = found.space, found.n_trials, found
         self.n_jobs = max(1, int(settings.n_jobs))
-        swept_here(self.name)
         self.lock = StudyLock(self.storage_spec, self.name)
         with self.lock():  # two sweeps on a new database would both create Optuna's tables
             self.storage = open_storage(self.storage_spec)
@@ -124,6 +123,10 @@ class StudyRunner:
         self._tell_study = optuna.load_study(study_name=self.name, storage=self.storage,
                                              sampler=optuna.samplers.RandomSampler())
         self.heartbeat = _trials.Heartbeat(self.storage, float(settings.heartbeat_interval))
+        swept_here(self.name, SweptHere(
+            self.storage_spec, OmegaConf.merge(settings, {"storage": self.storage_spec,
+                                                          "study_name": self.name}),
+            self.storage, make_pruner(settings.get("pruner"))))
 
     # -- setting up -----------------------------------------------------------------------
 
