@@ -18,8 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf._utils import get_omega_conf_dumper  # OmegaConf.to_yaml's dumper
 
 CONF_PACKAGE = "sweeper.conf"
 try:
@@ -54,6 +57,20 @@ def compose(name: str = "config", overrides: Sequence[str] = (), *,
     with init:
         return hydra_compose(name, overrides=list(overrides),
                              return_hydra_config=return_hydra_config)
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg``'s task config (:func:`task_config`) resolved into plain dicts and lists: what
+    its params (:func:`sweeper.tracking.config_params`) and its YAML (:func:`config_yaml`)
+    are made from, so that a trial resolves its config once."""
+    return OmegaConf.to_container(task_config(cfg), resolve=True, enum_to_str=True)
+
+
+def config_yaml(tree: dict[str, Any]) -> str:
+    """A :func:`resolved` config as YAML: the text ``OmegaConf.to_yaml(cfg, resolve=True)``
+    gives for the config it came from (the same dumper and options)."""
+    return yaml.dump(tree, default_flow_style=False, allow_unicode=True, sort_keys=False,
+                     Dumper=get_omega_conf_dumper())
 
 
 def task_config(cfg: DictConfig) -> DictConfig:

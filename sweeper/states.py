@@ -72,9 +72,10 @@ class StateStore:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}{SUFFIX}"
 
-    def save(self, key: str, model: FreezeNet, config: DictConfig,
+    def save(self, key: str, model: FreezeNet, config: DictConfig | str,
              frozen_digests: Sequence[str] | None = None, background: bool = False) -> Path:
-        """Keep ``model``'s trained part and the resolved ``config`` it was trained with.
+        """Keep ``model``'s trained part and the resolved ``config`` it was trained with (or
+        that config's resolved YAML, :func:`sweeper.config.config_yaml`).
 
         ``frozen_digests``: the :func:`~sweeper.feeds.unit_digest` of its frozen units, when
         already computed (the cache does); :meth:`load` checks them. Written to a temporary
@@ -91,7 +92,8 @@ class StateStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         entry = {"format": FORMAT, "unfrozen": model.unfrozen, "num_units": model.num_units,
                  "frozen_digests": list(frozen_digests),
-                 "config": OmegaConf.to_yaml(config, resolve=True),
+                 "config": config if isinstance(config, str) else OmegaConf.to_yaml(config,
+                                                                                   resolve=True),
                  "state": trained_part(model)}
         path = self.path(key)
 

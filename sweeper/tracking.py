@@ -28,10 +28,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.entities import Param as MlflowParam
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sweeper import background
-from sweeper.config import task_config
+from sweeper.config import resolved
 from sweeper.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -251,12 +251,14 @@ def param_name(key: str) -> str:
     return name
 
 
-def config_params(cfg: DictConfig, only: tuple[str, ...] | None = None) -> dict[str, str]:
+def config_params(cfg: DictConfig | Mapping[str, Any],
+                  only: tuple[str, ...] | None = None) -> dict[str, str]:
     """Every resolved config value (the ``hydra`` node excepted) as a flat string param.
 
-    ``only`` keeps just those top-level keys.
+    ``cfg`` is a config, or one already :func:`~sweeper.config.resolved`; ``only`` keeps just
+    those top-level keys.
     """
-    tree = OmegaConf.to_container(task_config(cfg), resolve=True)
+    tree = resolved(cfg) if isinstance(cfg, DictConfig) else cfg
     if only is not None:
         tree = {k: tree[k] for k in only}
     return {k: str(v) for k, v in flatten(tree).items()}

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sweeper import data as data_mod
 from sweeper import feeds, schedule, timing
+from sweeper.config import config_yaml, resolved
 from sweeper.device import as_input, configure, gather, place_model, resolve_device
 from sweeper.errors import Interrupted
 from sweeper.model import FreezeNet, build
@@ -128,8 +129,8 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
         parent_run_id=parent_run_id, flush_every_s=FLUSH_EVERY_S, background=True)
     time = time if time is not None else timing.TrialTime()
     try:
-        log_inputs(run, cfg, overrides, hydra_dir, flags, tagged=True)
-        result = _train_and_test(cfg, run, device, on_epoch, time, keep)
+        text = log_inputs(run, cfg, overrides, hydra_dir, flags, tagged=True)
+        result = _train_and_test(cfg, run, device, on_epoch, time, keep, text)
         # Inside: a write that failed (background, sweeper.tracking.Run) raises here, and the
         # run is then ended FAILED with it and its batch written, not left RUNNING.
         run.finish(State.COMPLETE)
@@ -147,8 +148,9 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
 
 def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
                     on_epoch: Callable[[EpochStats], None] | None, time: timing.TrialTime,
-                    keep: StateStore | None) -> dict[str, Any]:
-    """The trial's steps, in data-flow order, each logged to ``run`` as soon as it is known."""
+                    keep: StateStore | None, config_text: str) -> dict[str, Any]:
+    """The trial's steps, in data-flow order, each logged to ``run`` as soon as it is known
+    (``config_text``: the resolved config's YAML, kept with the trained part)."""
     seed_everything(cfg.trainer, device)
     reset_peak_memory(device)
     data = data_mod.load(cfg.dataset)
@@ -198,7 +200,7 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
         # run's); the units below never trained and have their pretrained weights.
         model.set_unfrozen(model.num_units - plan.lowest_cut())
         digests = fed.frozen_digests
-        keep.save(run.run_id, model, cfg,
+        keep.save(run.run_id, model, config_text,
                   digests[:model.cut] if digests is not None and len(digests) >= model.cut
                   else None, background=True)  # the model is not used after this
     final.update({**time.totals(), "peak_memory_mb": peak_memory_mb(device)})
@@ -315,12 +317,16 @@ def input_tags(overrides: list[str], flags: list[str] = ()) -> dict[str, str]:
 
 
 def log_inputs(run: Run, cfg: DictConfig, overrides: list[str], hydra_dir: Path | None,
-               flags: list[str] = (), tagged: bool = False) -> None:
+               flags: list[str] = (), tagged: bool = False) -> str:
     """What it takes to understand and re-run the trial: config, overrides, code, versions
-    (``tagged``: the run was started with :func:`input_tags` already)."""
-    run.params(config_params(cfg))
+    (``tagged``: the run was started with :func:`input_tags` already). Returns the resolved
+    config's YAML (``config.yaml`` of the run)."""
+    tree = resolved(cfg)  # once, for the params and the YAML
+    run.params(config_params(tree))
     if not tagged:
         run.tags(input_tags(overrides, flags))
-    run.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    text = config_yaml(tree)
+    run.text(text, "config.yaml")
     if hydra_dir is not None and hydra_dir.is_dir():
         run.artifact(hydra_dir, ".hydra")
+    return text

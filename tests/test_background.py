@@ -151,3 +151,15 @@ def test_each_trial_job_holds_the_config_hydra_composes_for_it(cli, outputs):
         assert str(hydra.job.num) == folder.parent.name
         want = compose("config", [*hydra.overrides.hydra, *overrides])
         assert (folder / "config.yaml").read_text() == OmegaConf.to_yaml(want)
+
+
+@pytest.mark.parametrize("overrides", [[], ["dataset=digits", "freeze=gradual"],
+                                       ["backbone=vit_b_16", "tracking=server"]])
+def test_a_config_resolved_once_is_written_as_omegaconf_writes_it(overrides):
+    # a trial resolves its config once for its params, its config.yaml and its kept state
+    from sweeper.config import compose, config_yaml, resolved
+    from sweeper.tracking import config_params
+
+    cfg = compose("config", overrides)
+    assert config_yaml(resolved(cfg)) == OmegaConf.to_yaml(cfg, resolve=True)
+    assert config_params(resolved(cfg)) == config_params(cfg)
