@@ -368,6 +368,9 @@ class Kind:
     classes: int | None = None
     per_class: int | None = None  # training images of its smallest class
     test_per_class: int | None = None  # its own test set's images per class; None: drawn
+    # Its sources are decoded whole into tensors and depend on its own settings only (not on
+    # the split's seed, classes or sizes): a process keeps them for the next split.
+    decoded: bool = False
 
 
 _FASHION_MNIST = dict(classes=10, per_class=6000, test_per_class=1000)
@@ -375,12 +378,13 @@ _FASHION_MNIST = dict(classes=10, per_class=6000, test_per_class=1000)
 
 KINDS: dict[str, Kind] = {
     "fashion_mnist": Kind(_fashion_mnist, ("root", "debian_dir", "download"),
-                          ("root", "debian_dir", "download"), **_FASHION_MNIST),
+                          ("root", "debian_dir", "download"), **_FASHION_MNIST, decoded=True),
     "cifar10": Kind(_cifar(torchvision.datasets.CIFAR10), ("root", "download"), ("root", "download"),
-                    classes=10, per_class=5000, test_per_class=1000),
+                    classes=10, per_class=5000, test_per_class=1000, decoded=True),
     "cifar100": Kind(_cifar(torchvision.datasets.CIFAR100), ("root", "download"),
-                     ("root", "download"), classes=100, per_class=500, test_per_class=100),
-    "digits": Kind(_digits, classes=10, per_class=174),  # scikit-learn's: 174..183 per class
+                     ("root", "download"), classes=100, per_class=500, test_per_class=100,
+                     decoded=True),
+    "digits": Kind(_digits, classes=10, per_class=174, decoded=True),  # 174..183 per class
     "image_folder": Kind(_image_folder, ("root", "on_bad_image")),
     "split_folder": Kind(_split_folder, ("root", "on_bad_image")),
     "csv": Kind(_csv, ("file", "root", "path_column", "label_column", "split_column",
@@ -433,6 +437,11 @@ def _at_most(picks: list[torch.Tensor], count) -> list[torch.Tensor]:
 # Datasets decoded in this process, by their resolved config: the trials of a study use the
 # same one, one after the other. One entry is kept.
 _LOADED: dict[str, Data] = {}
+# The sources of a decoded kind (Kind.decoded) and the test splits drawn from them, by what
+# decides them: a study's repeats on other splits (split_seed) draw from the same images, and
+# are tested on the same ones. One source is kept.
+_SOURCES: dict[str, Sources] = {}
+_TESTS: dict[str, Split] = {}
 
 
 def load(cfg: DictConfig) -> Data:
@@ -456,8 +465,23 @@ def load(cfg: DictConfig) -> Data:
     return replace(_LOADED[key])
 
 
+def _sources(cfg: DictConfig, kind: Kind) -> tuple[Sources, str | None]:
+    """The dataset's sources, and the key they are kept under in this process (None: not
+    kept, they are read again for every split)."""
+    if not kind.decoded:
+        return kind.sources(cfg), None
+    key = json.dumps([kind_of(cfg), *(OmegaConf.to_container(cfg, resolve=True).get(k)
+                                      for k in kind.settings)], default=str)
+    if key not in _SOURCES:
+        src = kind.sources(cfg)
+        _SOURCES.clear()
+        _TESTS.clear()
+        _SOURCES[key] = src
+    return _SOURCES[key], key
+
+
 def _load(cfg: DictConfig, kind: Kind) -> Data:
-    src = kind.sources(cfg)
+    src, kept = _sources(cfg, kind)
     present = sorted(set(src.train.labels.tolist()))
     classes = list(cfg.classes) if cfg.classes is not None else present
     if len(classes) < 2:
@@ -503,7 +527,16 @@ def _load(cfg: DictConfig, kind: Kind) -> Data:
         fixed = torch.Generator().manual_seed(0)
         chunks.append((src.test, _at_most(_per_class(src.test.labels, classes, fixed),
                                           cfg.test_per_class)))
-    train, val, test = (_take(pool, chunk, int(cfg.image_size)) for pool, chunk in chunks)
+    size = int(cfg.image_size)
+    train, val = (_take(pool, chunk, size) for pool, chunk in chunks[:2])
+    test = None
+    if kept is not None and chunks[2][0] is src.test:  # the source's own test set: fixed
+        test_key = json.dumps([kept, classes, cfg.test_per_class, size], default=str)
+        test = _TESTS.get(test_key)
+        if test is None:
+            test = _TESTS[test_key] = _take(*chunks[2], size)
+    if test is None:
+        test = _take(*chunks[2], size)
     skipped = sorted({f for pool in (src.train, src.val, src.test) if pool for f in pool.skipped})
     if skipped:
         log.warning("%s: skipped %d unreadable images (dataset.on_bad_image=skip): %s%s", cfg.name,

@@ -32,6 +32,9 @@ def test_fashion_mnist_offline_from_debian_package(make_cfg):
     assert not torch.equal(other.train.images, d.train.images)
     # the official test set does not move with the split: its cached features serve every split
     assert torch.equal(other.test.images, d.test.images)
+    # and a process decodes the images once: another split draws from them, its test split
+    # is the same tensors (a study's repeats on other splits do not read the files again)
+    assert other.test.images.data_ptr() == d.test.images.data_ptr()
 
 
 def test_normalize_makes_three_channels_on_the_batch():
