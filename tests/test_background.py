@@ -117,9 +117,17 @@ def test_a_state_kept_in_the_background_is_complete_when_read(make_cfg, tmp_path
     assert not list((tmp_path / "states").glob("*.tmp*"))  # written, renamed into place
 
 
-def test_a_copied_network_is_the_one_a_fresh_build_gives(make_cfg):
-    # A seed no other test builds with: the first build is fresh, the second a copy of it.
-    cfg = make_cfg("freeze.unfrozen=3", "freeze.transferred=6", "trainer.seed=80531")
+@pytest.mark.parametrize("weights", ["none", "file"])
+def test_a_copied_network_is_the_one_a_fresh_build_gives(make_cfg, tmp_path, weights):
+    # A seed no other test builds with: the first build is fresh, the second a copy of it
+    # (with weights to load: a copy whose values are left to the loading).
+    if weights == "file":
+        import torchvision
+
+        weights = tmp_path / "resnet18.pt"
+        torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), weights)
+    cfg = make_cfg("freeze.unfrozen=3", "freeze.transferred=6", "trainer.seed=80531",
+                   f"backbone.weights={weights}")
 
     def build():
         model, _ = build_model(cfg, 5, torch.device("cpu"))

@@ -282,11 +282,15 @@ def weights_from_file(backbone: DictConfig, path: str) -> StateDict:
 _built: dict[str, tuple[nn.Module, torch.Tensor]] = {}
 
 
-def _fresh_network(backbone: DictConfig) -> nn.Module:
+def _fresh_network(backbone: DictConfig, blank: bool = False) -> nn.Module:
     """:func:`network`, leaving torch's random generator as building it would: a copy of the
     last one built in this process when that was the same network from the same generator
     state (library builders are pure functions of their arguments and the generator; a
-    custom builder is always called)."""
+    custom builder is always called).
+
+    ``blank``: the caller overwrites every weight (it loads pretrained ones), so a copy gets
+    uninitialised tensors instead of the random ones' values (copying them was most of a
+    copy's time: it is memory-bound)."""
     if kind_of(backbone) == "custom":
         return network(backbone)
     before = torch.get_rng_state()
@@ -295,11 +299,20 @@ def _fresh_network(backbone: DictConfig) -> nn.Module:
     if key in _built:
         model, after = _built[key]
         torch.set_rng_state(after)
-        return copy.deepcopy(model)
+        memo = {id(t): _uninitialised(t) for t in model.state_dict(keep_vars=True).values()} \
+            if blank else {}
+        return copy.deepcopy(model, memo)
     model = network(backbone)
     _built.clear()
     _built[key] = (copy.deepcopy(model), torch.get_rng_state())
     return model
+
+
+def _uninitialised(t: torch.Tensor) -> torch.Tensor:
+    """A tensor (a parameter, for a parameter) like ``t`` with uninitialised values."""
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad)
+    return torch.empty_like(t)
 
 
 def _reinitialise(unit: nn.Module) -> None:
@@ -317,13 +330,18 @@ def build(backbone: DictConfig, num_classes: int, unfrozen: int,
     re-initialises the others (the AnB design of Yosinski et al. 2014); ``None`` keeps all.
 
     Returns the net and the network it was cut from: they share parameters, so the network's
-    ``state_dict()`` holds the backbone in its library's own key format.
+    ``state_dict()`` holds the backbone in its library's own key format (with ``state``, its
+    classifier, which the new head replaces, is zeros).
     """
     check_backbone(backbone, unfrozen, transferred)
-    model = _fresh_network(backbone)
+    model = _fresh_network(backbone, blank=state is not None)
     parts = cut(backbone, model)
     if state is not None:  # the units share the network's tensors: loading fills them too
         load_into(model, parts.classifier, state, origin, str(backbone.name))
+        classifier = dict(model.named_modules()).get(parts.classifier)
+        with torch.no_grad():  # the classifier the head replaces: not loaded, never read
+            for t in (classifier.state_dict().values() if classifier is not None else ()):
+                t.zero_()
     if len(parts.units) != int(backbone.num_units):
         raise UserError(f"backbone.num_units={backbone.num_units} but {describe(backbone)} has "
                         f"{len(parts.units)} freeze units; fix num_units in the backbone's config "
