@@ -339,9 +339,14 @@ class StudyRunner:
         with self._mine_lock:
             self._ended += 1
             prune = self._ended % PRUNE_EVERY == 0
-        if prune:
+        if prune and not self._all_asked():  # else the study's end prunes, once
             self._prune_kept()
         return now
+
+    def _all_asked(self) -> bool:
+        """Whether the study holds all its n_trials trials (no more will be asked for)."""
+        return sum(_trials.counts_toward_total(t)
+                   for t in self.study.get_trials(deepcopy=False)) >= self.n_trials
 
     def _prune_kept(self) -> None:
         """Delete the kept trained parts the study can no longer need: those of complete
