@@ -60,9 +60,13 @@ class SweptHere:
 _SWEPT_HERE: dict[str, SweptHere] = {}
 
 
-def swept_here(study_name: str, sweep: SweptHere) -> None:
-    """Say that study ``study_name``'s sweep runs in this process."""
-    _SWEPT_HERE[study_name] = sweep
+def swept_here(study_name: str, sweep: SweptHere | None) -> None:
+    """Say that study ``study_name``'s sweep runs in this process (``sweep``), or no longer
+    (None)."""
+    if sweep is None:
+        _SWEPT_HERE.pop(study_name, None)
+    else:
+        _SWEPT_HERE[study_name] = sweep
 
 
 def _sweep_here(study_name: str, storage_spec: str) -> SweptHere | None:

@@ -123,10 +123,10 @@ class StudyRunner:
         self._tell_study = optuna.load_study(study_name=self.name, storage=self.storage,
                                              sampler=optuna.samplers.RandomSampler())
         self.heartbeat = _trials.Heartbeat(self.storage, float(settings.heartbeat_interval))
-        swept_here(self.name, SweptHere(
-            self.storage_spec, OmegaConf.merge(settings, {"storage": self.storage_spec,
-                                                          "study_name": self.name}),
-            self.storage, make_pruner(settings.get("pruner"))))
+        self.here = SweptHere(self.storage_spec,
+                              OmegaConf.merge(settings, {"storage": self.storage_spec,
+                                                         "study_name": self.name}),
+                              self.storage, make_pruner(settings.get("pruner")))
 
     # -- setting up -----------------------------------------------------------------------
 
@@ -229,6 +229,13 @@ class StudyRunner:
             log.info("%s: %s", type(self.study.sampler).__name__,
                      self.study.sampler.budget(self.n_trials))
         self.progress = Progress(self.study, self.names, self.n_trials, progress)
+        swept_here(self.name, self.here)
+        try:
+            return self._run()
+        finally:
+            swept_here(self.name, None)
+
+    def _run(self) -> StudyResult:
         try:
             with self.progress:
                 while True:
