@@ -121,7 +121,9 @@ def line(label: str, trials: int, wall: float, d: Decision) -> str:
     s = d.arms[d.recommended]
     iv = s.interval
     width = (iv.high - iv.low) * 100
-    return (f"| {label} | {trials} | {wall:.0f} | {d.recommended} | {iv.mean:.3f} "
+    # the study's arms are (strategy, depth); the grid's are depths
+    depth = d.recommended[-1] if isinstance(d.recommended, tuple) else d.recommended
+    return (f"| {label} | {trials} | {wall:.0f} | {depth} | {iv.mean:.3f} "
             f"({iv.low:.3f}–{iv.high:.3f}) | {width:.1f} | {s.n} | "
             f"{'yes' if d.settled else 'no'} |")
 
