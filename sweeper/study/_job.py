@@ -159,8 +159,9 @@ def run_job(cfg: DictConfig, settings: DictConfig, number: int) -> dict[str, Any
         _trials.fail(study, storage, trial_id, number, reason, tracker, parent)
         return {"state": State.FAILED, "error": reason}
     finally:
-        if heartbeat is not None:  # the sweep that reads the kept part is another process
+        if heartbeat is not None:
             heartbeat.close()
+        if here is None:  # the sweep that reads the kept part is another process
             StateStore.written()
     final_progress()
     trial.set_user_attr("mlflow_run_id", result["run_id"])

@@ -123,6 +123,7 @@ class StudyRunner:
         self._tell_study = optuna.load_study(study_name=self.name, storage=self.storage,
                                              sampler=optuna.samplers.RandomSampler())
         self.heartbeat = _trials.Heartbeat(self.storage, float(settings.heartbeat_interval))
+        # The jobs' own pruner: the study's is bound to its sampler (Hyperband's brackets)
         self.here = SweptHere(self.storage_spec,
                               OmegaConf.merge(settings, {"storage": self.storage_spec,
                                                          "study_name": self.name}),
@@ -280,8 +281,7 @@ class StudyRunner:
         """Ask for a trial and sample it, unless the study already holds n_trials trials."""
         with self.lock():
             self._reap_lost()
-            trials = self.study.get_trials(deepcopy=False)
-            if sum(_trials.counts_toward_total(t) for t in trials) >= self.n_trials:
+            if self._all_asked():
                 return None
             if self._settled() is not None:
                 return None
