@@ -141,6 +141,10 @@ def test_a_copied_network_is_the_one_a_fresh_build_gives(make_cfg, tmp_path, wei
     other, _ = build_model(make_cfg("freeze.unfrozen=3", "trainer.seed=80532"), 5,
                            torch.device("cpu"))
     assert not torch.equal(other.state_dict()["units.0.0.weight"], fresh["units.0.0.weight"])
+    # back to the first seed after another (a study's repeats): the same network again
+    again, rng_again = build()
+    assert torch.equal(rng_fresh, rng_again)
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh)
 
 
 def test_each_trial_job_holds_the_config_hydra_composes_for_it(cli, outputs):
