@@ -65,9 +65,11 @@ class Source:
                               self.augment if name == "train" else None, why), 0.0
         if name not in self.prefixes:  # the units below ``cut`` are as they were at the start
             split = self.splits[name]
+            # the same units as another split's at this cut: their digests are the same
+            units = next((p.units for p in self.prefixes.values() if len(p.units) == cut),
+                         None) or [unit_digest(u) for u in self.model.units[:cut]]
             self.prefixes[name] = Prefix(self.model, split, self.normalize, self.dtype, self.device,
-                                         self.amp, split_digest(split, self.normalize),
-                                         [unit_digest(u) for u in self.model.units[:cut]])
+                                         self.amp, split_digest(split, self.normalize), units)
         feed, spent = prefix_outputs(self.prefixes[name], cut, self.directory)
         log.info("Feature cache: %s at cut %d %s (%.1f MB%s, fill cost %.2fs)", name, cut,
                  feed.source, feed.nbytes / 2**20, ", memory-mapped" if feed.mapped else "",
