@@ -23,6 +23,7 @@ the rest (:mod:`sweeper.study`). Using a store::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -171,6 +172,16 @@ class StateStore:
             return []
         files = sorted(self.folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
         return [p.stem for p in files]
+
+    def nbytes(self) -> int:
+        """The bytes the entries on disk hold now (without waiting for pending writes)."""
+        if not self.folder.is_dir():
+            return 0
+        total = 0
+        for path in self.folder.glob(f"*{SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):  # pruned meanwhile
+                total += path.stat().st_size
+        return total
 
     def prune(self, keep: Iterable[str]) -> list[str]:
         """Delete every entry whose key is not in ``keep``; returns the deleted keys."""
