@@ -95,9 +95,24 @@ def test_a_deeper_cut_is_derived_from_the_deepest_shallower_one(make_cfg, output
     data = data_mod.load(cfg.dataset)
     model = _model(cfg, data, 2)  # frozen: units 0..6
     directory = outputs / "cache"
-    for cut in (3, 1):  # nothing below either to derive from
-        feed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), cut, directory)
-        assert feed.source == "filled"
+    cache.MEMORY.clear()
+    cache.MEMORY.start_trial(2**30)
+    feed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, directory)
+    assert feed.source == "filled"  # nothing below to derive from
+    # The rows it passed at cuts 1 and 2 are kept in RAM (no file), costed as far as each got.
+    costs = []
+    for cut in (1, 2):
+        passed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), cut, directory)
+        assert passed.source == "hit (memory)"
+        x = data.normalize(data.train.images)
+        with torch.no_grad():
+            for unit in model.units[:cut]:
+                x = unit(x)
+        # as a fill from the images at that cut
+        torch.testing.assert_close(passed.rows.float(), x, rtol=tol, atol=tol)
+        costs.append(passed.fill_time_s)
+    assert 0 < costs[0] <= costs[1] <= feed.fill_time_s
+    assert len(list(directory.glob("*.feat"))) == 1
     feed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 6, directory)
     assert feed.source == "derived from cut 3"
     x = data.normalize(data.train.images)
@@ -108,6 +123,12 @@ def test_a_deeper_cut_is_derived_from_the_deepest_shallower_one(make_cfg, output
     # Its recorded cost is that of computing it from the images: parent's cost + derivation.
     parent, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, directory)
     assert feed.fill_time_s > parent.fill_time_s
+    # Passed rows are kept only where they fit beside what RAM holds: none, with no budget.
+    cache.MEMORY.clear()
+    cache.MEMORY.start_trial(0)
+    cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, outputs / "cold")
+    cold, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 1, outputs / "cold")
+    assert cold.source == "filled"
 
 
 _FILLER = """

@@ -2,7 +2,11 @@
 
 An entry at cut ``k`` is derived from the deepest valid entry at a cut ``j < k`` of the same
 split and weights, by running only units ``j..k-1``, so a whole study's frozen forward work
-stays near one forward pass per image. Entries are found in this process's RAM, then on disk
+stays near one forward pass per image; the rows a fill passes on its way (at each cut between)
+are kept in this process's RAM too, where they fit its budget beside what is there, so that a
+study's trials at those depths find them instead of computing them again (a study visits its
+depths in an order that often goes from deep to shallow). Entries are found in this process's
+RAM, then on disk
 under a file lock (one process fills an entry while the others wait for it); a corrupt one is
 logged, deleted and rebuilt, never used. Each records its fill cost
 (:func:`sweeper.timing.fill_cost`), which every trial using it is charged.
@@ -10,6 +14,7 @@ logged, deleted and rebuilt, never used. Each records its fill cost
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -37,18 +42,36 @@ def _run_units(units: list[nn.Module], rows: torch.Tensor, prepare: Callable[[to
     """``units`` applied to ``prepare(rows)`` in batches on ``device``, gathered on
     ``out_device`` (default: the CPU) as ``dtype`` (cast on the device: fewer bytes cross to
     the host)."""
+    return _run_each(units, rows, prepare, device, amp, dtype, out_device)[0][-1]
+
+
+@torch.no_grad()
+def _run_each(units: list[nn.Module], rows: torch.Tensor,
+              prepare: Callable[[torch.Tensor], torch.Tensor], device: torch.device, amp: bool,
+              dtype: torch.dtype, out_device: torch.device | None = None,
+              every: bool = False) -> tuple[list[torch.Tensor], list[float]]:
+    """:func:`_run_units`'s rows (with ``every``: the rows after each unit), and the seconds
+    each took to compute from ``rows`` (timed unit by unit, summed along the way)."""
     assert not any(u.training for u in units), "frozen units must be in eval mode"
-    out = None
+    steps = len(units) or 1  # no unit: the prepared rows
+    outs: list[torch.Tensor | None] = [None] * steps
+    spent = [0.0] * steps
     for start in range(0, len(rows), FILL_BATCH):
-        x = gather(rows, slice(start, start + FILL_BATCH), device)
-        with autocast(device, amp):
-            x = prepare(x)
-            for unit in units:
-                x = unit(x)
-        if out is None:
-            out = torch.empty((len(rows), *x.shape[1:]), dtype=dtype, device=out_device or "cpu")
-        out[start:start + len(x)].copy_(x.to(dtype))
-    return out
+        with timing.measure(device) as t:
+            x = gather(rows, slice(start, start + FILL_BATCH), device)
+        before = t.s
+        for k in range(steps):
+            with timing.measure(device) as t, autocast(device, amp):
+                x = prepare(x) if k == 0 else x
+                x = units[k](x) if units else x
+            spent[k] += before + t.s
+            before = 0.0
+            if every or k == steps - 1:
+                if outs[k] is None:
+                    outs[k] = torch.empty((len(rows), *x.shape[1:]), dtype=dtype,
+                                          device=out_device or "cpu")
+                outs[k][start:start + len(x)].copy_(x.to(dtype))
+    return [o for o in outs if o is not None], list(itertools.accumulate(spent))
 
 
 def run_rows(feed: Feed, device: torch.device, amp: bool, dtype: torch.dtype,
@@ -73,26 +96,24 @@ def _find_parent(prefix: Prefix, cut: int, directory: Path) -> tuple[int, torch.
     return None
 
 
-def _fill(prefix: Prefix, cut: int, directory: Path) -> tuple[torch.Tensor, dict]:
-    """Compute a split's prefix outputs at ``cut``, from a shallower entry where there is one."""
+def _fill(prefix: Prefix, cut: int, directory: Path) -> list[tuple[int, torch.Tensor, dict]]:
+    """Compute a split's prefix outputs at ``cut``, from a shallower entry where there is one;
+    with them, the rows at each cut passed on the way (shallowest first, ``cut``'s last)."""
     model, device, normalize = prefix.model, prefix.device, prefix.normalize
 
     def images(x: torch.Tensor) -> torch.Tensor:
         return as_input(normalize(x))
 
     parent = _find_parent(prefix, cut, directory)
+    j, rows, prepare, parent_cost, how = (0, prefix.split.images, images, 0.0, "filled")
     if parent is not None:
-        j, parent_rows, parent_meta = parent
-        with timing.measure(device) as spent:
-            rows = _run_units(list(model.units[j:cut]), parent_rows, as_input, device,
-                              prefix.amp, prefix.dtype)
-        return rows, {"fill_time_s": timing.fill_cost(spent.s, parent_meta["fill_time_s"]),
-                      "spent_s": spent.s, "cut": cut, "how": f"derived from cut {j}"}
-    with timing.measure(device) as spent:
-        rows = _run_units(list(model.units[:cut]), prefix.split.images, images, device,
-                          prefix.amp, prefix.dtype)
-    return rows, {"fill_time_s": timing.fill_cost(spent.s), "spent_s": spent.s, "cut": cut,
-                  "how": "filled"}
+        j, rows, parent_meta = parent
+        prepare, parent_cost, how = as_input, parent_meta["fill_time_s"], f"derived from cut {j}"
+    outs, spent = _run_each(list(model.units[j:cut]), rows, prepare, device, prefix.amp,
+                            prefix.dtype, every=True)
+    return [(j + k + 1, out, {"fill_time_s": timing.fill_cost(s, parent_cost), "spent_s": s,
+                              "cut": j + k + 1, "how": how})
+            for k, (out, s) in enumerate(zip(outs, spent, strict=True))]
 
 
 def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, float]:
@@ -120,9 +141,12 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, flo
                 path.unlink(missing_ok=True)
                 rows, mapped = None, False
         if rows is None:
-            rows, meta = _fill(prefix, cut, directory)
+            *passed, (_, rows, meta) = _fill(prefix, cut, directory)
             how, spent = meta["how"], meta["spent_s"]
             meta = entries.write(path, key, rows, meta)
+            for at, at_rows, at_meta in passed:  # if they fit beside what is there
+                MEMORY.put(prefix.key(at), at_rows, {**at_meta, "nbytes": at_rows.nbytes},
+                           spare=True)
     if not mapped and not MEMORY.put(key, rows, meta):
         rows, meta = entries.read(path, key, in_memory=False)  # over the budget: serve it from the file
         mapped = True

@@ -34,9 +34,18 @@ class _Memory:
             return self.entries[key]
         return None
 
-    def put(self, key: str, rows: torch.Tensor, meta: dict) -> bool:
-        """Keep ``rows`` if they fit the budget (evicting older entries); False if they do not."""
+    def put(self, key: str, rows: torch.Tensor, meta: dict, spare: bool = False) -> bool:
+        """Keep ``rows`` if they fit the budget (evicting older entries); False if they do not.
+
+        ``spare``: rows no trial asked for yet (a fill passed them on its way): kept only where
+        they fit beside the entries already held, evicting none, and not marked in use."""
         size = rows.numel() * rows.element_size()
+        if spare:
+            if key in self.entries or self.nbytes + size > self.budget:
+                return False
+            self.entries[key] = (rows, meta)
+            self.entries.move_to_end(key, last=False)  # the first to go for what a trial uses
+            return True
         for old in [k for k in self.entries if k not in self.in_use]:  # least recent first
             if self.nbytes + size <= self.budget:
                 break
