@@ -13,12 +13,16 @@ tensor once got pinned). On a GPU:
 - models and 4-D inputs are channels_last, autocast is bf16 (``trainer.amp``), and cuDNN
   picks its fastest kernels unless ``trainer.deterministic`` is set.
 
-On the CPU all of this is a no-op.
+On the CPU all of this is a no-op. The host's memory allocator is tuned for any device
+(:func:`keep_freed_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import platform
 from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
@@ -59,9 +63,44 @@ def resolve_device(name: str) -> torch.device:
     return indexed(device)
 
 
+# glibc's mallopt() parameters (<malloc.h>), and what keep_freed_memory sets them to: the
+# largest mmap threshold glibc takes on 64 bits, and no trimming below 2 GiB of free heap (the
+# largest value an int holds).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 * 2**20, 2**31 - 1
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a process frees for its next allocations (blocks
+    up to 32 MiB from its heap, none of it handed back while less than 2 GiB is free), once
+    per process; True when it did.
+
+    By default glibc maps every large block afresh and hands freed memory back, so that each
+    training step, cache fill and model copy faults its pages in (and has them zeroed) again:
+    1.5 million page faults in the default study on 2 CPU cores. Tuned, 0.34 million, the
+    study's CPU time fell 9% and its per-trial overhead 0.017 s; the process keeps its peak
+    memory instead of handing it back between trials. The same as starting Python with
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set (as PyTorch's CPU tuning
+    guide suggests of a different allocator); left alone when either, or
+    ``GLIBC_TUNABLES``, is set, and where the C library is not glibc."""
+    if (platform.libc_ver()[0] != "glibc"
+            or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                             "GLIBC_TUNABLES"))):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
 def configure(device: torch.device, deterministic: bool) -> None:
     """Process-wide settings for a trial on ``device`` (set for every trial, so one trial's
     settings never leak into the next one in the same process)."""
+    keep_freed_memory()
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # A few CUDA kernels (AdaptiveAvgPool2d's backward, among others) have no deterministic

@@ -137,3 +137,36 @@ def test_a_device_budget_that_is_not_a_size_is_a_user_error(make_cfg):
     model, _ = build(cfg.backbone, len(data.classes), 2, None)
     with pytest.raises(UserError, match="cache.device_budget_mb=auto: use null"):
         feeds.for_trial(model, data, cfg.cache, None, CPU)
+
+
+_FAULTS = """
+import resource, sys, torch
+from sweeper.device import configure, keep_freed_memory
+configure(torch.device("cpu"), False)
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # noqa: E731
+def step():  # blocks of a few MB, allocated and freed as a training step's are
+    a = torch.ones(3 * 2**20); b = torch.ones(5 * 2**20); del a; c = torch.ones(2**20); del b, c
+per_step = []
+for _ in range(20):
+    before = faults()
+    step()
+    per_step.append(faults() - before)
+print(keep_freed_memory(), sorted(per_step)[10])  # the median step's page faults
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@pytest.mark.parametrize("env", [{}, {"MALLOC_TRIM_THRESHOLD_": "131072"}])
+def test_freed_memory_is_used_again_without_faulting_its_pages_in(env):
+    # A trial's process keeps what it frees for its next steps (glibc hands it back by
+    # default: every step faults its pages in again); a user's own malloc setting stays.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    tuned, faults = out[0] == "True", int(out[1])
+    assert tuned == (not env.get("MALLOC_TRIM_THRESHOLD_"))
+    assert (faults == 0) if tuned else (faults > 100)
