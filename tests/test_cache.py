@@ -99,7 +99,7 @@ def test_a_deeper_cut_is_derived_from_the_deepest_shallower_one(make_cfg, output
     cache.MEMORY.start_trial(2**30)
     feed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, directory)
     assert feed.source == "filled"  # nothing below to derive from
-    # The rows it passed at cuts 1 and 2 are kept in RAM (no file), costed as far as each got.
+    # The rows it passed at cuts 1 and 2 are entries too, costed as far as the pass got.
     costs = []
     for cut in (1, 2):
         passed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), cut, directory)
@@ -112,7 +112,7 @@ def test_a_deeper_cut_is_derived_from_the_deepest_shallower_one(make_cfg, output
         torch.testing.assert_close(passed.rows.float(), x, rtol=tol, atol=tol)
         costs.append(passed.fill_time_s)
     assert 0 < costs[0] <= costs[1] <= feed.fill_time_s
-    assert len(list(directory.glob("*.feat"))) == 1
+    assert len(list(directory.glob("*.feat"))) == 3
     feed, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 6, directory)
     assert feed.source == "derived from cut 3"
     x = data.normalize(data.train.images)
@@ -123,12 +123,13 @@ def test_a_deeper_cut_is_derived_from_the_deepest_shallower_one(make_cfg, output
     # Its recorded cost is that of computing it from the images: parent's cost + derivation.
     parent, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, directory)
     assert feed.fill_time_s > parent.fill_time_s
-    # Passed rows are kept only where they fit beside what RAM holds: none, with no budget.
+    # Passed rows are kept in RAM only where they fit beside what it holds: none, with no
+    # budget (then they are read from their files).
     cache.MEMORY.clear()
     cache.MEMORY.start_trial(0)
     cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, outputs / "cold")
     cold, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 1, outputs / "cold")
-    assert cold.source == "filled"
+    assert cold.source == "hit (disk)"
 
 
 _FILLER = """
@@ -174,8 +175,9 @@ def test_two_processes_filling_one_entry_leave_one_valid_entry(outputs, tmp_path
         sources.append(stdout.strip().splitlines()[-1])
     assert sorted(sources) == ["filled", "hit (disk)"]
     entries = sorted((outputs / "cache" / "features").iterdir())
-    # train and val: one each (test runs through the model in float32, as an export does)
-    assert [e.suffix for e in entries].count(".feat") == 2
+    # train and val at the cut (7) and at every cut the fill passed: 7 each (test runs
+    # through the model in float32, as an export does)
+    assert [e.suffix for e in entries].count(".feat") == 14
     assert not [e for e in entries if ".tmp" in e.name]
     a, b = (torch.load(out) for out in outs)
     assert torch.equal(a, b)
@@ -188,7 +190,7 @@ def test_a_truncated_or_corrupt_entry_is_rebuilt(make_cfg, outputs, caplog):
     directory = outputs / "cache"
     first, _ = cache.prefix_outputs(_prefix(cfg, model, data), 4, directory)
     want = first.rows.clone()
-    (path,) = directory.glob("*.feat")
+    path = directory / f"{_prefix(cfg, model, data).key(4)}.feat"  # (and those it passed)
     for damage in ("truncate", "flip a byte"):
         cache.MEMORY.clear()
         raw = bytearray(path.read_bytes())
@@ -199,7 +201,7 @@ def test_a_truncated_or_corrupt_entry_is_rebuilt(make_cfg, outputs, caplog):
         path.write_bytes(bytes(raw))
         with caplog.at_level(logging.WARNING, logger="sweeper.feeds"):
             again, _ = cache.prefix_outputs(_prefix(cfg, model, data), 4, directory)
-        assert again.source == "filled", damage
+        assert again.source == "derived from cut 3", damage  # an entry its fill passed
         assert "Rebuilding corrupt or stale cache entry" in caplog.text
         assert torch.equal(again.rows, want)
         caplog.clear()

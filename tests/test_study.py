@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,7 @@ def test_a_study_prunes_kept_parts_once_they_hold_enough_bytes(outputs, monkeypa
 
     if above is not None:
         monkeypatch.setattr(_runner, "PRUNE_ABOVE_BYTES", above)
+    thresholds = gc.get_threshold()
     calls = []
     prune = _runner.StudyRunner._prune_kept
     monkeypatch.setattr(_runner.StudyRunner, "_prune_kept",
@@ -264,6 +266,8 @@ def test_a_study_prunes_kept_parts_once_they_hold_enough_bytes(outputs, monkeypa
     result = optimize(cfg, {"n_trials": 4, "study_name": "pruned"}, progress="none",
                       arguments=["freeze.unfrozen=0,9"])
     assert (len(calls) in (1, 2, 3)) if above is not None else not calls
+    # the garbage collector is as the study found it (it froze what was there, for its trials)
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     assert all(n > 0 for n in calls)
     trials = trial_frame(Tracker(cfg.tracking), result.parent_run_id)
     shown = set(tested_runs(trials, pareto=[row["trial"] for row in result.pareto]))

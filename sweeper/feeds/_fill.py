@@ -3,10 +3,10 @@
 An entry at cut ``k`` is derived from the deepest valid entry at a cut ``j < k`` of the same
 split and weights, by running only units ``j..k-1``, so a whole study's frozen forward work
 stays near one forward pass per image; the rows a fill passes on its way (at each cut between)
-are kept in this process's RAM too, where they fit its budget beside what is there, so that a
-study's trials at those depths find them instead of computing them again (a study visits its
-depths in an order that often goes from deep to shallow). Entries are found in this process's
-RAM, then on disk
+are entries too (kept in this process's RAM where they fit its budget beside what is there), so
+that a study's trials at those depths find them instead of computing them again (a study
+visits its depths in an order that often goes from deep to shallow). Entries are found in this
+process's RAM, then on disk
 under a file lock (one process fills an entry while the others wait for it); a corrupt one is
 logged, deleted and rebuilt, never used. Each records its fill cost
 (:func:`sweeper.timing.fill_cost`), which every trial using it is charged.
@@ -24,7 +24,7 @@ from filelock import FileLock
 from torch import nn
 
 from sweeper import timing
-from sweeper.device import as_input, autocast, gather
+from sweeper.device import as_input, autocast, gather, layout
 from sweeper.feeds import _entries as entries
 from sweeper.feeds._feed import Feed, rows_prepare
 from sweeper.feeds._keys import Prefix
@@ -63,7 +63,7 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
         for k in range(steps):
             with timing.measure(device) as t, autocast(device, amp):
                 x = prepare(x) if k == 0 else x
-                x = units[k](x) if units else x
+                x = units[k](layout(x, training=False)) if units else x  # as forward_frozen
             spent[k] += before + t.s
             before = 0.0
             if every or k == steps - 1:
@@ -144,9 +144,11 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, flo
             *passed, (_, rows, meta) = _fill(prefix, cut, directory)
             how, spent = meta["how"], meta["spent_s"]
             meta = entries.write(path, key, rows, meta)
-            for at, at_rows, at_meta in passed:  # if they fit beside what is there
-                MEMORY.put(prefix.key(at), at_rows, {**at_meta, "nbytes": at_rows.nbytes},
-                           spare=True)
+            for at, at_rows, at_meta in passed:  # entries too (in RAM where they fit)
+                at_path = directory / f"{prefix.key(at)}.feat"
+                if not at_path.exists():  # (written atomically: another filler's is the same)
+                    at_meta = entries.write(at_path, prefix.key(at), at_rows, at_meta)
+                    MEMORY.put(prefix.key(at), at_rows, at_meta, spare=True)
     if not mapped and not MEMORY.put(key, rows, meta):
         rows, meta = entries.read(path, key, in_memory=False)  # over the budget: serve it from the file
         mapped = True

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from sweeper.device import layout
+
 
 class FreezeNet(nn.Module):
     """Backbone units followed by a new head, with all but the last ``unfrozen`` units frozen.
@@ -91,12 +93,15 @@ class FreezeNet(nn.Module):
         if start > self.cut:
             raise ValueError(f"input of unit {start}, but units from {self.cut} on train: "
                              "those rows were computed through units that are no longer frozen")
+        units = self.units[start:self.cut]
         with torch.no_grad():
-            for unit in self.units[start:self.cut]:
+            x = layout(x, training=False) if len(units) else x
+            for unit in units:
                 x = unit(x)
         return x
 
     def forward_trainable(self, h: torch.Tensor) -> torch.Tensor:
+        h = layout(h, training=torch.is_grad_enabled())
         for unit in self.trainable_units():
             h = unit(h)
         return self.head(h)
