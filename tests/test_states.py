@@ -67,9 +67,11 @@ def test_prune_keeps_only_what_is_named(make_cfg, tmp_path):
     store = StateStore(tmp_path)
     for key in ("a", "b", "c"):
         store.save(key, model, cfg)
+    assert store.nbytes() == sum(store.path(k).stat().st_size for k in "abc") > 0
     assert sorted(store.prune(keep=["b", "zzz"])) == ["a", "c"]
     assert store.run_ids() == ["b"]
-    assert StateStore(tmp_path / "none").run_ids() == []
+    assert store.nbytes() == store.path("b").stat().st_size
+    assert StateStore(tmp_path / "none").run_ids() == [] and StateStore(tmp_path / "none").nbytes() == 0
 
 
 @pytest.mark.parametrize("freeze", [

@@ -201,7 +201,10 @@ def test_a_trials_last_progress_record_holds_its_whole_training(outputs):
     from sweeper.study import optimize
 
     cfg = tiny_cfg(outputs, *OTHERS, "trainer.epochs=3")
+    thresholds = gc.get_threshold()
     result = optimize(cfg, {"n_trials": 2, "study_name": "progress"}, progress="none")
+    # the garbage collector is as the study found it (it froze what was there, for its trials)
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
     for t in result.study.trials:
         assert t.state == optuna.trial.TrialState.COMPLETE
         progress = t.system_attrs["sweeper:progress"]
@@ -243,33 +246,3 @@ def test_a_study_tests_the_trials_its_report_shows_at_its_end(outputs, mlflow_cl
     assert parent.data.metrics["overhead_per_trial_s"] > 0
     assert parent.data.metrics["test_eval_time_s"] > 0
 
-
-@pytest.mark.parametrize("above", [1, None])
-def test_a_study_prunes_kept_parts_once_they_hold_enough_bytes(outputs, monkeypatch, above):
-    # Mid-study pruning reads every run from MLflow: done once the kept parts hold
-    # PRUNE_ABOVE_BYTES (1 byte: after the first trial, then at twice what it left; the
-    # default 2 GiB: never for a few tiny trials, never after the last), and the study's end
-    # prunes the same way whatever happened before.
-    from sweeper.report import candidate_runs, tested_runs, trial_frame
-    from sweeper.states import StateStore
-    from sweeper.study import _runner, optimize
-    from sweeper.tracking import Tracker
-
-    if above is not None:
-        monkeypatch.setattr(_runner, "PRUNE_ABOVE_BYTES", above)
-    thresholds = gc.get_threshold()
-    calls = []
-    prune = _runner.StudyRunner._prune_kept
-    monkeypatch.setattr(_runner.StudyRunner, "_prune_kept",
-                        lambda self: calls.append(StateStore(self._kept.folder).nbytes()) or prune(self))
-    cfg = tiny_cfg(outputs, *OTHERS)
-    result = optimize(cfg, {"n_trials": 4, "study_name": "pruned"}, progress="none",
-                      arguments=["freeze.unfrozen=0,9"])
-    assert (len(calls) in (1, 2, 3)) if above is not None else not calls
-    # the garbage collector is as the study found it (it froze what was there, for its trials)
-    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
-    assert all(n > 0 for n in calls)
-    trials = trial_frame(Tracker(cfg.tracking), result.parent_run_id)
-    shown = set(tested_runs(trials, pareto=[row["trial"] for row in result.pareto]))
-    assert set(StateStore.for_study(cfg.paths, "pruned").run_ids()) == \
-        set(candidate_runs(trials)) | shown

@@ -55,23 +55,27 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
     assert not any(u.training for u in units), "frozen units must be in eval mode"
     steps = len(units) or 1  # no unit: the prepared rows
     outs: list[torch.Tensor | None] = [None] * steps
-    spent = [0.0] * steps
+    ran, kept = [0.0] * steps, [0.0] * steps  # each unit's time, each output's copy
     for start in range(0, len(rows), FILL_BATCH):
         with timing.measure(device) as t:
             x = gather(rows, slice(start, start + FILL_BATCH), device)
-        before = t.s
+        ran[0] += t.s
         for k in range(steps):
             with timing.measure(device) as t, autocast(device, amp):
                 x = prepare(x) if k == 0 else x
                 x = units[k](layout(x, training=False)) if units else x  # as forward_frozen
-            spent[k] += before + t.s
-            before = 0.0
+            ran[k] += t.s
             if every or k == steps - 1:
-                if outs[k] is None:
-                    outs[k] = torch.empty((len(rows), *x.shape[1:]), dtype=dtype,
-                                          device=out_device or "cpu")
-                outs[k][start:start + len(x)].copy_(x.to(dtype))
-    return [o for o in outs if o is not None], list(itertools.accumulate(spent))
+                with timing.measure(device) as t:
+                    if outs[k] is None:
+                        outs[k] = torch.empty((len(rows), *x.shape[1:]), dtype=dtype,
+                                              device=out_device or "cpu")
+                    outs[k][start:start + len(x)].copy_(x.to(dtype))
+                kept[k] += t.s
+    # the rows at a cut cost the units up to it and their own copy, not the others'
+    spent = [r + c for r, c in zip(itertools.accumulate(ran), kept, strict=True)]
+    return [o for o in outs if o is not None], [s for o, s in zip(outs, spent, strict=True)
+                                                if o is not None]
 
 
 def run_rows(feed: Feed, device: torch.device, amp: bool, dtype: torch.dtype,
