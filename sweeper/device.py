@@ -79,8 +79,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps every large block afresh and hands freed memory back, so that each
     training step, cache fill and model copy faults its pages in (and has them zeroed) again:
-    1.5 million page faults in the default study on 2 CPU cores. Tuned, 0.34 million, the
-    study's CPU time fell 9% and its per-trial overhead 0.017 s; the process keeps its peak
+    1.5 million page faults in the default study on 2 CPU cores, 0.35 million tuned (its
+    effect on the study's time is within this machine's noise); the process keeps its peak
     memory instead of handing it back between trials. The same as starting Python with
     ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` set (as PyTorch's CPU tuning
     guide suggests of a different allocator); left alone when either, or
