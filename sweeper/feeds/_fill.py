@@ -50,23 +50,25 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
               prepare: Callable[[torch.Tensor], torch.Tensor], device: torch.device, amp: bool,
               dtype: torch.dtype, out_device: torch.device | None = None,
               every: bool = False) -> tuple[list[torch.Tensor], list[float]]:
-    """:func:`_run_units`'s rows (with ``every``: the rows after each unit), and the seconds
-    each took to compute from ``rows`` (timed unit by unit, summed along the way)."""
+    """:func:`_run_units`'s rows (with ``every``: the rows after each unit, and the seconds
+    each took to compute from ``rows``, timed unit by unit and summed along the way; without
+    it the times are not waited for on a GPU, and mean nothing)."""
     assert not any(u.training for u in units), "frozen units must be in eval mode"
+    clock = device if every else None  # no GPU sync per batch where no one reads the times
     steps = len(units) or 1  # no unit: the prepared rows
     outs: list[torch.Tensor | None] = [None] * steps
     ran, kept = [0.0] * steps, [0.0] * steps  # each unit's time, each output's copy
     for start in range(0, len(rows), FILL_BATCH):
-        with timing.measure(device) as t:
+        with timing.measure(clock) as t:
             x = gather(rows, slice(start, start + FILL_BATCH), device)
         ran[0] += t.s
         for k in range(steps):
-            with timing.measure(device) as t, autocast(device, amp):
+            with timing.measure(clock) as t, autocast(device, amp):
                 x = prepare(x) if k == 0 else x
                 x = units[k](layout(x, training=False)) if units else x  # as forward_frozen
             ran[k] += t.s
             if every or k == steps - 1:
-                with timing.measure(device) as t:
+                with timing.measure(clock) as t:
                     if outs[k] is None:
                         outs[k] = torch.empty((len(rows), *x.shape[1:]), dtype=dtype,
                                               device=out_device or "cpu")
@@ -149,10 +151,11 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, flo
             how, spent = meta["how"], meta["spent_s"]
             meta = entries.write(path, key, rows, meta)
             for at, at_rows, at_meta in passed:  # entries too (in RAM where they fit)
-                at_path = directory / f"{prefix.key(at)}.feat"
+                at_key = prefix.key(at)
+                at_path = directory / f"{at_key}.feat"
                 if not at_path.exists():  # (written atomically: another filler's is the same)
-                    at_meta = entries.write(at_path, prefix.key(at), at_rows, at_meta)
-                    MEMORY.put(prefix.key(at), at_rows, at_meta, spare=True)
+                    MEMORY.put(at_key, at_rows, entries.write(at_path, at_key, at_rows, at_meta),
+                               spare=True)
     if not mapped and not MEMORY.put(key, rows, meta):
         rows, meta = entries.read(path, key, in_memory=False)  # over the budget: serve it from the file
         mapped = True

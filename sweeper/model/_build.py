@@ -276,13 +276,13 @@ def weights_from_file(backbone: DictConfig, path: str) -> StateDict:
     return from_file(path)
 
 
-# The last network built from random weights in this process, with the random generator's
-# state before and after: a trial's network is rebuilt by copying it (its random init, which
-# the pretrained weights then mostly replace, costs several times a copy on the CPU).
-_built: dict[tuple[str, str], tuple[nn.Module, torch.Tensor]] = {}
-# What building each network did to the random generator, by (network, state before): a
+# The last network built from random weights in this process (its identity, the random
+# generator's state before, a copy): a trial's network is rebuilt by copying it (its random
+# init, which the pretrained weights then mostly replace, costs several times a copy on the
+# CPU). And what building each network did to the generator, by (identity, state before): a
 # study's repeats start from a few seeds in turn, and a copy that loads pretrained weights
 # needs only the network's structure and that state after, not the values of that seed's init.
+_LAST: tuple[str, str, nn.Module] | None = None
 _RNG_AFTER: dict[tuple[str, str], torch.Tensor] = {}
 _RNG_KEEP = 64
 
@@ -297,25 +297,21 @@ def _fresh_network(backbone: DictConfig, blank: bool = False) -> nn.Module:
     uninitialised tensors instead of the random ones' values (copying them was most of a
     copy's time: it is memory-bound); then the last network built of the same kind is copied
     whatever generator state built it, when building from this state was seen before."""
+    global _LAST
     if kind_of(backbone) == "custom":
         return network(backbone)
-    before = torch.get_rng_state()
     net = json.dumps(identity(backbone), sort_keys=True, default=str)
-    state = hashlib.sha256(before.numpy().tobytes()).hexdigest()
-    found = _built.get((net, state))
-    if found is None and blank and (net, state) in _RNG_AFTER:
-        found = next(((m, _RNG_AFTER[(net, state)]) for (n, _), (m, _) in _built.items()
-                      if n == net), None)
-    if found is not None:
-        model, after = found
+    state = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+    after = _RNG_AFTER.get((net, state))
+    if after is not None and _LAST is not None and _LAST[0] == net and (blank or _LAST[1] == state):
         torch.set_rng_state(after)
+        model = _LAST[2]
         memo = {id(t): _uninitialised(t) for t in model.state_dict(keep_vars=True).values()} \
             if blank else {}
         return copy.deepcopy(model, memo)
     model = network(backbone)
-    _built.clear()
-    _built[(net, state)] = (copy.deepcopy(model), torch.get_rng_state())
-    _RNG_AFTER[(net, state)] = _built[(net, state)][1]
+    _LAST = (net, state, copy.deepcopy(model))
+    _RNG_AFTER[(net, state)] = torch.get_rng_state()
     while len(_RNG_AFTER) > _RNG_KEEP:
         del _RNG_AFTER[next(iter(_RNG_AFTER))]
     return model
