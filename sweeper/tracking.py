@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +30,8 @@ from mlflow.entities import Param as MlflowParam
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
 
 from sweeper import background
 from sweeper.config import resolved
@@ -154,6 +157,32 @@ def absolute_uri(uri: str) -> str:
 
 
 _opened: set[str] = set()  # stores this process has opened (and created, when new)
+_WAL: set[str] = set()  # the SQLite files of those stores (see _sqlite_wal)
+
+
+@event.listens_for(Pool, "connect")
+def _sqlite_wal(connection: Any, _record: Any) -> None:
+    """Every new SQLite connection to a store that :func:`open_store` opened writes ahead
+    (``journal_mode=WAL``) and syncs at checkpoints only (``synchronous=NORMAL``), as SQLite
+    recommends for most applications. MLflow leaves SQLite's defaults (a rollback journal,
+    several fsyncs per commit): a trial's dozen small writes then waited on the disk, and
+    readers such as ``mlflow ui`` blocked writers. WAL keeps the store consistent through a
+    crash (a power cut may lose the last commits, not corrupt it); all its users must be on
+    one machine, as SQLite already asks (many machines use a server, ``tracking=server``).
+    A store another process holds in the old mode keeps it, with SQLite's safe defaults."""
+    if not isinstance(connection, sqlite3.Connection) or not _WAL:
+        return
+    cursor = connection.cursor()
+    try:
+        files = {row[2] for row in cursor.execute("PRAGMA database_list")}
+        if not files & _WAL:
+            return
+        if cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal":
+            cursor.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.OperationalError:  # locked by another connection: it stays as it was
+        pass
+    finally:
+        cursor.close()
 
 
 def open_store(uri: str, key: str = "tracking.uri") -> MlflowClient:
@@ -173,6 +202,7 @@ def open_store(uri: str, key: str = "tracking.uri") -> MlflowClient:
         if uri.startswith("sqlite:///"):
             from filelock import FileLock
 
+            _WAL.add(os.path.realpath(uri[len("sqlite:///"):]))
             # The client creates (and upgrades) the tracking and model-registry tables.
             with FileLock(uri[len("sqlite:///"):] + ".lock"):
                 client = MlflowClient(tracking_uri=uri)

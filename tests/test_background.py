@@ -1,16 +1,19 @@
 """What a trial no longer waits for: its MLflow writes and its kept trained part are written by
-background threads (sweeper.background), its network is copied from the last one built, and
-its job's config from the last trial's. A run still ends with everything in it, a write that
-failed is not lost, a kept state is complete whenever it is read, a copied network is the one
-a fresh build gives, and a job's config (its ``.hydra/`` folder) is the one Hydra composes."""
+background threads (sweeper.background), its SQLite store writes ahead of its syncs, its
+network is copied from the last one built, and its job's config from the last trial's. A run
+still ends with everything in it, a write that failed is not lost, a kept state is complete
+whenever it is read, a copied network is the one a fresh build gives, and a job's config (its
+``.hydra/`` folder) is the one Hydra composes."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from sweeper import states
@@ -48,6 +51,24 @@ def test_a_background_run_ends_finished_with_everything_written(tracker, monkeyp
     history = tracker.client.get_metric_history(run.run_id, "val_acc")
     assert sorted(m.step for m in history) == list(range(10))
     assert [a.path for a in tracker.client.list_artifacts(run.run_id)] == ["config.yaml"]
+
+
+def test_a_sqlite_store_writes_ahead_and_another_sqlite_file_is_left_as_it_is(tracker, tmp_path):
+    run = tracker.start("r")
+    run.metrics({"val_acc": 0.5})
+    run.end()
+    # The store's file is in write-ahead mode for every process that opens it (mlflow ui too),
+    # and its runs are all there; MLflow's own connections sync at checkpoints only.
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT status FROM runs").fetchall() == [("FINISHED",)]
+    with tracker.client._tracking_client.store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    # a SQLite database the project did not open as a store keeps SQLite's defaults
+    other = MlflowClient(f"sqlite:///{tmp_path}/other.db")
+    other.search_experiments()
+    assert sqlite3.connect(tmp_path / "other.db").execute(
+        "PRAGMA journal_mode").fetchone()[0] == "delete"
 
 
 def test_a_failed_background_write_is_raised_and_written_again(tracker, monkeypatch):
