@@ -196,3 +196,33 @@ def test_a_config_resolved_once_is_written_as_omegaconf_writes_it(overrides):
     cfg = compose("config", overrides)
     assert config_yaml(resolved(cfg)) == OmegaConf.to_yaml(cfg, resolve=True)
     assert config_params(resolved(cfg)) == config_params(cfg)
+
+
+def test_a_trial_config_with_more_plain_overrides_is_the_last_one_with_them_set():
+    """A trial that sets a key the last one did not (lr_backbone once units train) gets that
+    trial's config with the key set: the config Hydra composes for it, without composing."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from sweeper.config import CONF_DIR
+    from sweeper.study._hydra import TrialConfigs
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("config", ["trainer.epochs=2"], RunMode.MULTIRUN)
+        configs = TrialConfigs(loader, master)
+        composed = []
+        compose_one = loader.load_sweep_config
+        loader.load_sweep_config = lambda m, o: composed.append(o) or compose_one(m, o)
+        jobs = [["freeze.unfrozen=0", "optim.lr_head=0.1", "hydra.sweeper.trial=0"],
+                ["freeze.unfrozen=3", "optim.lr_head=0.2", "optim.lr_backbone=0.01",
+                 "hydra.sweeper.trial=1"],
+                ["freeze.unfrozen=0", "optim.lr_head=0.3", "hydra.sweeper.trial=2"],
+                ["freeze.unfrozen=0", "backbone=resnet50", "hydra.sweeper.trial=3"]]
+        got = [configs(job) for job in jobs]
+        assert composed == [jobs[0], jobs[3]]  # a group choice is composed again
+        for job, cfg in zip(jobs, got, strict=True):
+            want = compose_one(master, job)
+            assert OmegaConf.to_yaml(cfg) == OmegaConf.to_yaml(want)
+        assert got[1].optim.lr_backbone == 0.01 and got[2].hydra.overrides.task == jobs[2][:2]

@@ -194,12 +194,13 @@ class TrialConfigs:
     A study's trials differ mostly in the values its search space samples. Once Hydra has
     composed one trial's config, a trial whose overrides differ from that one's only in the
     values of the same plain keys (``key=value``, a value that is not a dict or a list, a key
-    that is not a config group) gets a copy of it with those values set as Hydra sets them
-    (``OmegaConf.update``), and Hydra's override lists and ``hydra.job.override_dirname``
-    rewritten. One composed config is kept per shape of the overrides (which keys, and any
-    override that is not plain, as written): a search whose trials set different keys (no
-    ``lr_backbone`` when nothing trains) composes each shape once. Composing costs about
-    0.1 s of CPU per trial, the copy about a tenth of that.
+    that is not a config group), or that adds plain overrides of keys the config has, gets a
+    copy of it with those values set as Hydra sets them (``OmegaConf.update``), and Hydra's
+    override lists and ``hydra.job.override_dirname`` rewritten. One composed config is kept
+    per shape of the overrides (which keys, and any override that is not plain, as written):
+    a search whose trials set fewer keys first (no ``lr_backbone`` when nothing trains)
+    composes once; the other order, twice. Composing costs about 0.1 s of CPU per trial, the
+    copy about a tenth of that.
     """
 
     KEEP = 16  # shapes kept; the oldest goes first
@@ -214,6 +215,10 @@ class TrialConfigs:
         shape = tuple(("=", o.key_or_group) if _plain(o) else o.input_line for o in parsed)
         found = self._composed.get(shape)
         cfg = self._from(found, parsed) if found is not None else None
+        for other in reversed(list(self._composed.values()) if found is None else []):
+            cfg = self._from(other, parsed)  # one with fewer plain keys (no lr_backbone)
+            if cfg is not None:
+                break
         if cfg is None:
             cfg = self.loader.load_sweep_config(self.master, list(overrides))
             self._composed.pop(shape, None)
@@ -225,12 +230,20 @@ class TrialConfigs:
     def _from(self, composed: tuple[list[Override], DictConfig],
               parsed: list[Override]) -> DictConfig | None:
         before, last = composed
+        # Each override of the composed config, in its order, with perhaps plain ones it lacks
+        # among them (a trial that trains units sets lr_backbone, a depth-0 trial does not).
+        by_key = {o.key_or_group: o for o in before}
+        if len(by_key) != len(before) or [
+                o.key_or_group for o in parsed if o.key_or_group in by_key] != list(by_key):
+            return None
+        pairs = [(by_key.get(o.key_or_group), o) for o in parsed]
         changed = []
-        for old, new in zip(before, parsed, strict=True):
-            if old.input_line == new.input_line:
+        for old, new in pairs:
+            if old is not None and old.input_line == new.input_line:
                 continue
             key = new.key_or_group
-            if key in last.hydra.runtime.choices or not _leaf(last, key):
+            if not _plain(new) or (old is not None and not _plain(old)) \
+                    or key in last.hydra.runtime.choices or not _leaf(last, key):
                 return None
             changed.append(new)
         if len({o.key_or_group for o in changed}) != len(changed):
