@@ -206,7 +206,7 @@ def test_a_trial_config_with_more_plain_overrides_is_the_last_one_with_them_set(
     from hydra.types import RunMode
 
     from sweeper.config import CONF_DIR
-    from sweeper.study._hydra import TrialConfigs
+    from sweeper.study import TrialConfigs
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()

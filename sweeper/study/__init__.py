@@ -3,7 +3,8 @@
 - :func:`optimize` runs or resumes a study from Python; ``python -m sweeper.run -m`` runs the
   same one through Hydra (:class:`HydraSweeper`, registered by ``hydra_plugins/sweeper_optuna``);
   both drive a :class:`StudyRunner` (``_runner``), which ends every finished study with its
-  report (:mod:`sweeper.report`);
+  report (:mod:`sweeper.report`); with Hydra's basic launcher, :class:`TrialConfigs` gives
+  each trial's job the config Hydra would compose for it, mostly by copying the last one;
 - in each job, :func:`hydra_trial` and :func:`run_job` run one trial of the study: they report
   its epochs for pruning, keep its heartbeat and tell Optuna the result (``_job``; a trial's
   heartbeat, failure and loss: ``_trials``);
@@ -29,7 +30,7 @@ Example::
 """
 
 from sweeper.study._depth import DepthPruner, DepthSampler
-from sweeper.study._hydra import CheckBeforeWork, HydraSweeper
+from sweeper.study._hydra import CheckBeforeWork, HydraSweeper, TrialConfigs
 from sweeper.study._job import hydra_trial, run_job
 from sweeper.study._runner import StudyResult, StudyRunner, optimize
 from sweeper.study._schema import check_settings
@@ -44,6 +45,6 @@ from sweeper.study._settings import (
 from sweeper.study._space import Space, parse_space
 
 __all__ = ["CheckBeforeWork", "DepthPruner", "DepthSampler", "HydraSweeper", "Search", "Space",
-           "StudyResult", "StudyRunner", "check_settings", "default_settings", "hydra_trial",
+           "StudyResult", "StudyRunner", "TrialConfigs", "check_settings", "default_settings", "hydra_trial",
            "make_pruner", "make_sampler", "optimize", "parse_space", "run_job", "search",
            "settings_in"]
