@@ -53,7 +53,7 @@ from torchvision.transforms import v2
 
 from sweeper import data as data_mod
 from sweeper import feeds, timing
-from sweeper.config import compose, task_config
+from sweeper.config import compose, resolved, task_config
 from sweeper.device import as_input, autocast, place_model, resolve_device
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import resolve_weights
@@ -182,7 +182,7 @@ def naive_trial(cfg: DictConfig, opts: argparse.Namespace) -> dict:
     device = resolve_device(str(cfg.trainer.device))
     run = Tracker(cfg.tracking).start(f"naive-unfrozen{cfg.freeze.unfrozen}",
                                       tags={Tag.KIND: "benchmark-naive"})
-    log_inputs(run, cfg, [], None)  # the same MLflow writes as run_trial
+    log_inputs(run, resolved(cfg), [], None)  # the same MLflow writes as run_trial
     seed_everything(cfg.trainer, device)
     reset_peak_memory(device)
     data = data_mod.load(cfg.dataset)

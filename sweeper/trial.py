@@ -324,13 +324,12 @@ def input_tags(overrides: list[str], flags: list[str] = ()) -> dict[str, str]:
     }
 
 
-def log_inputs(run: Run, cfg: DictConfig | dict[str, Any], overrides: list[str],
-               hydra_dir: Path | None, flags: list[str] = (), tagged: bool = False) -> str:
-    """What it takes to understand and re-run the trial: config, overrides, code, versions
-    (``cfg``: the config, or its :func:`~sweeper.config.resolved` tree; ``tagged``: the run was
-    started with :func:`input_tags` already). Returns the resolved config's YAML
-    (``config.yaml`` of the run)."""
-    tree = cfg if isinstance(cfg, dict) else resolved(cfg)  # once, for the params and the YAML
+def log_inputs(run: Run, tree: dict[str, Any], overrides: list[str], hydra_dir: Path | None,
+               flags: list[str] = (), tagged: bool = False) -> str:
+    """What it takes to understand and re-run the trial: config (``tree``: the
+    :func:`~sweeper.config.resolved` config, for the params and the YAML), overrides, code,
+    versions (``tagged``: the run was started with :func:`input_tags` already). Returns the
+    resolved config's YAML (``config.yaml`` of the run)."""
     run.params(config_params(tree))
     if not tagged:
         run.tags(input_tags(overrides, flags))

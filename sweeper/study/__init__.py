@@ -45,6 +45,6 @@ from sweeper.study._settings import (
 from sweeper.study._space import Space, parse_space
 
 __all__ = ["CheckBeforeWork", "DepthPruner", "DepthSampler", "HydraSweeper", "Search", "Space",
-           "StudyResult", "StudyRunner", "TrialConfigs", "check_settings", "default_settings", "hydra_trial",
-           "make_pruner", "make_sampler", "optimize", "parse_space", "run_job", "search",
-           "settings_in"]
+           "StudyResult", "StudyRunner", "TrialConfigs", "check_settings", "default_settings",
+           "hydra_trial", "make_pruner", "make_sampler", "optimize", "parse_space", "run_job",
+           "search", "settings_in"]
