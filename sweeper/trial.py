@@ -192,9 +192,14 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
     run.metrics(cache_metrics)
 
     def epoch_done(s: EpochStats) -> None:
-        run.metrics(s.metrics(), step=s.epoch)
-        if on_epoch is not None:
-            on_epoch(s)
+        # The caller first (a study's pruning report), then the epoch's metrics, which may
+        # hand a batch to the MLflow writer thread: a report made while that thread runs
+        # waited for the GIL, 3.9 ms instead of 0.6. A pruned epoch is logged all the same.
+        try:
+            if on_epoch is not None:
+                on_epoch(s)
+        finally:
+            run.metrics(s.metrics(), step=s.epoch)
 
     result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=fed,
                  time=time, schedule=plan)
