@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from sweeper import data as data_mod
-from sweeper.states import StateMismatch, StateStore
+from sweeper.feeds import unit_digest
+from sweeper.states import StateMismatch, StateStore, trained_part
 from sweeper.tracking import Tracker
 from sweeper.train import fit
 from sweeper.trial import adapt_batchnorm, build_model, evaluate_kept, run_trial
@@ -43,7 +46,7 @@ def test_a_kept_state_rebuilds_the_trained_model(make_cfg, tmp_path, overrides):
         assert torch.equal(fresh.eval()(x), model(x))
     # only what training changed is kept: not the frozen units' parameters
     frozen = sum(p.numel() for u in model.frozen_units() for p in u.parameters())
-    kept = sum(t.numel() for t in torch.load(store.path("run1"), weights_only=True)["state"].values())
+    kept = sum(t.numel() for t in load_file(store.path("run1")).values())
     assert kept <= sum(t.numel() for t in model.state_dict().values()) - frozen
 
 
@@ -59,6 +62,27 @@ def test_a_kept_state_refuses_another_model(make_cfg, tmp_path):
                               torch.device("cpu"))  # other random frozen weights (weights=none)
     with pytest.raises(StateMismatch, match="frozen units"):
         store.load("run1", reseeded)
+
+
+def test_an_entry_an_earlier_version_kept_still_rebuilds_the_model(make_cfg, tmp_path):
+    # Format 1 (torch.save, <run id>.pt): studies kept before the safetensors entries.
+    cfg = make_cfg("trainer.epochs=1", "freeze.unfrozen=2")
+    model, data = _trained(cfg)
+    store = StateStore(tmp_path / "states")
+    store.folder.mkdir()
+    frozen = [unit_digest(u) for u in model.frozen_units()]
+    torch.save({"format": 1, "unfrozen": model.unfrozen, "num_units": model.num_units,
+                "frozen_digests": frozen, "config": OmegaConf.to_yaml(cfg, resolve=True),
+                "state": trained_part(model)}, store.folder / "old.pt")
+    assert store.run_ids() == ["old"] and store.config("old").freeze.unfrozen == 2
+    fresh, _ = build_model(store.config("old"), len(data.classes), torch.device("cpu"))
+    store.load("old", fresh)
+    x = data.normalize(data.test.images[:64])
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+    store.save("old", model, cfg)  # kept again: this version's entry replaces it
+    assert [p.name for p in store.folder.iterdir()] == ["old.safetensors"]
+    assert store.run_ids() == ["old"]
 
 
 def test_prune_keeps_only_what_is_named(make_cfg, tmp_path):

@@ -2,9 +2,9 @@
 
 In this order: the study's store of kept trained parts (:mod:`sweeper.states`; a study keeps
 those of the trials its report shows), the copy an earlier export logged on the trial's run
-(artifact ``kept_state/<run id>.pt``, so that the model survives the store's pruning and can
-be exported on another machine), else the trial is trained again from its logged config (a new
-MLflow run tagged ``rerun_of``), and the log says so.
+(artifact ``kept_state/<run id>.safetensors``, or ``.pt`` from an earlier version, so that the
+model survives the store's pruning and can be exported on another machine), else the trial is
+trained again from its logged config (a new MLflow run tagged ``rerun_of``), and the log says so.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from sweeper import data as data_mod
 from sweeper.errors import UserError
 from sweeper.model import FreezeNet
-from sweeper.states import StateMismatch, StateStore
+from sweeper.states import FORMATS, StateMismatch, StateStore
 from sweeper.tracking import Tag, Tracker
 
 log = logging.getLogger("sweeper.export")
@@ -48,19 +48,27 @@ def _from_store(store: StateStore, run_id: str, source: str) -> Trained:
     return Trained(net.eval(), cfg, data, source, run_id)
 
 
-def _artifact(tracker: Tracker, run_id: str, folder: Path) -> StateStore | None:
-    """The kept trained part an earlier export logged on the run, downloaded into ``folder``."""
+def _artifact(tracker: Tracker, run_id: str, folder: Path) -> tuple[StateStore, str] | None:
+    """The kept trained part an earlier export logged on the run, downloaded into ``folder``,
+    and the artifact's path."""
     try:
-        path = tracker.client.download_artifacts(run_id, f"{ARTIFACT}/{run_id}.pt", str(folder))
+        present = {a.path for a in tracker.client.list_artifacts(run_id, ARTIFACT)}
     except (MlflowException, OSError):
         return None
-    return StateStore(Path(path).parent)
+    for name in (f"{ARTIFACT}/{run_id}{suffix}" for suffix in FORMATS):
+        if name in present:
+            try:
+                path = tracker.client.download_artifacts(run_id, name, str(folder))
+            except (MlflowException, OSError):
+                return None
+            return StateStore(Path(path).parent), name
+    return None
 
 
 def keep_on_run(tracker: Tracker, store: StateStore, run_id: str) -> None:
     """Log the kept trained part of ``run_id`` as an artifact of its run (once)."""
     present = {a.path for a in tracker.client.list_artifacts(run_id, ARTIFACT)}
-    if f"{ARTIFACT}/{run_id}.pt" not in present:
+    if f"{ARTIFACT}/{store.path(run_id).name}" not in present:
         tracker.client.log_artifact(run_id, str(store.path(run_id)), ARTIFACT)
 
 
@@ -78,10 +86,11 @@ def trained(tracker: Tracker, paths: DictConfig, study: str | None, run_id: str,
                 keep_on_run(tracker, store, run_id)
                 return found
     with tempfile.TemporaryDirectory() as tmp:
-        store = _artifact(tracker, run_id, Path(tmp))
-        if store is not None:
+        found_artifact = _artifact(tracker, run_id, Path(tmp))
+        if found_artifact is not None:
+            store, name = found_artifact
             try:
-                return _from_store(store, run_id, f"artifact {ARTIFACT}/{run_id}.pt of its run")
+                return _from_store(store, run_id, f"artifact {name} of its run")
             except StateMismatch as e:
                 log.warning("the kept state logged on run %s does not fit its model (%s)", run_id, e)
         if not retrain:
@@ -110,6 +119,6 @@ def _retrain(tracker: Tracker, run_id: str, store: StateStore, paths: DictConfig
              result["val_acc"], "none" if before is None else f"{before:.4f}")
     found = _from_store(store, new, f"retrained (MLflow run {new}, rerun_of={run_id})")
     # Kept on the trial's own run too: the next export of the trial finds it there.
-    shutil.copyfile(store.path(new), store.path(run_id))
+    shutil.copyfile(store.path(new), store.path(new).with_stem(run_id))
     keep_on_run(tracker, store, run_id)
     return found
