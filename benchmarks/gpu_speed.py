@@ -230,7 +230,15 @@ def main(argv: list[str] | None = None) -> None:
     depths = [int(d) for d in (args.depths or ("9,2,0" if args.tiny else "17,12,8,4,3,0")).split(",")]
 
     overrides = [*(TINY if args.tiny else REALISTIC), *args.overrides]
-    outputs = Path(compose(overrides=overrides).paths.outputs).resolve()
+    asked = compose(overrides=overrides)
+    on_cpu = str(asked.trainer.device) == "auto" and resolve_device("auto").type != "cuda"
+    if on_cpu and not args.tiny:
+        sys.exit("No CUDA device here: at its realistic size (ResNet-50 at 224 px) this benchmark "
+                 "takes hours on a CPU. Run it on a GPU machine (benchmarks/gpu/run.sh carries "
+                 "what it needs), add --tiny for a smoke run of the same code here, or run "
+                 "python -m benchmarks.freeze_speed, the CPU benchmark. trainer.device=cpu runs "
+                 "it here anyway.")
+    outputs = Path(asked.paths.outputs).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_speed-", dir=outputs))
     base = [*overrides, f"paths.outputs={outputs}", f"tracking.uri=sqlite:///{work}/mlflow.db",

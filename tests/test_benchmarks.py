@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from tests.conftest import ROOT
 
 
@@ -24,3 +27,14 @@ def test_the_gpu_benchmark_runs_end_to_end_in_its_tiny_mode(tmp_path):
                  "layer4 trainable (unfrozen 2)", "head only:", "whole study:", "accuracy: ours+bn"):
         assert any(part in line for line in lines), part
     assert not list(tmp_path.glob("gpu_speed-*/cache-*"))  # GBs at full size: removed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the whole benchmark")
+def test_the_gpu_benchmark_stops_at_once_without_a_gpu_and_says_what_to_do(tmp_path):
+    env = {**os.environ, "SWEEPER_OUTPUTS": str(tmp_path / "outputs")}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_speed"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "No CUDA device here" in done.stderr and "--tiny" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing pretrained, nothing left behind
