@@ -164,7 +164,7 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
             raise cannot_write("the source checkpoint", path, e, "paths.pretrained") from None
         run.tags({Tag.CHECKPOINT: str(path)})
         log.info("Source pretraining done: test accuracy %.3f in %.1fs", test_acc, train_time_s)
-    except BaseException as e:
-        run.end("FAILED", e)
+    except BaseException as e:  # Ctrl-C or SIGTERM: KILLED, as a trial's run
+        run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", e)
         raise
     run.end()
