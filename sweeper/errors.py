@@ -1,8 +1,14 @@
-"""Errors a user can cause and fix: Hydra prints their message alone and exits non-zero."""
+"""Errors a user can cause and fix: Hydra prints their message alone and exits non-zero; and how
+an entry point stops when it is interrupted (Ctrl-C, or SIGTERM from ``kill``, ``timeout`` or a
+scheduler)."""
 
 import errno
 import logging
+import signal
+import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.errors import CompactHydraException
 
@@ -16,8 +22,36 @@ class UserError(CompactHydraException):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, carrying the one line that says what was kept and how to go on; the entry
-    points print it alone (no trace through whatever was running) and exit with status 130."""
+    """Ctrl-C (or SIGTERM, :func:`stop_on_sigterm`), carrying the one line that says what was
+    kept and how to go on; the entry points print it alone (no trace through whatever was
+    running) and exit (:func:`exit_interrupted`)."""
+
+
+_signalled: list[int] = []  # the signal that stopped this process, if one did
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+    signal.signal(signum, signal.SIG_DFL)  # a second one stops at once, without the clean-up
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Let SIGTERM (``kill``, ``timeout``, a batch scheduler's cancel or time limit) stop this
+    process the way Ctrl-C does: the runs and trials in flight end KILLED and say so, instead
+    of staying RUNNING in MLflow after the process is gone. Called by the entry points; where
+    another handler already has SIGTERM (submitit's, in a Slurm job) it is left alone."""
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def exit_interrupted(error: KeyboardInterrupt) -> NoReturn:
+    """An entry point's end after Ctrl-C or SIGTERM: one line (what was kept, how to go on),
+    no trace, and the shell's status for the signal (130 for Ctrl-C, 143 for SIGTERM)."""
+    print(str(error) if isinstance(error, Interrupted) and str(error)
+          else "Interrupted: run the same command again to go on.", file=sys.stderr)
+    sys.exit(128 + (_signalled[-1] if _signalled else signal.SIGINT))
 
 
 def first_line(error: BaseException) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import hydra
@@ -10,7 +9,7 @@ from omegaconf import DictConfig
 
 from sweeper import study
 from sweeper.config import CONFIG_PATH
-from sweeper.errors import Interrupted
+from sweeper.errors import exit_interrupted, stop_on_sigterm
 from sweeper.trial import run_trial
 
 
@@ -24,15 +23,9 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     return run_trial(cfg)
 
 
-def interrupted(error: KeyboardInterrupt) -> None:
-    """Ctrl-C: one line (what was kept, how to go on), exit status 130, no trace."""
-    print(str(error) if isinstance(error, Interrupted) and str(error)
-          else "Interrupted: run the same command again to go on.", file=sys.stderr)
-    sys.exit(130)
-
-
 if __name__ == "__main__":
+    stop_on_sigterm()
     try:
         main()
     except KeyboardInterrupt as e:
-        interrupted(e)
+        exit_interrupted(e)

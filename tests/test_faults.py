@@ -189,9 +189,11 @@ def test_sweeps_started_at_once_on_a_new_folder_share_the_study(outputs, mlflow_
 
 # --- Ctrl-C ----------------------------------------------------------------------------------
 
-def _wait_for_a_trial(mlflow_client, proc: subprocess.Popen, timeout: float = 600) -> None:
+def _wait_for_a_trial(mlflow_client, proc: subprocess.Popen, timeout: float = 600,
+                      kind: str = "trial", metric: str = "trainable_params") -> None:
     """Until a trial's run is inside its training steps (its model built: the trial ends
-    KILLED from here on)."""
+    KILLED from here on); with ``kind`` and ``metric``: until a run of that kind has logged
+    that metric."""
     end = time.time() + timeout
     while time.time() < end:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -199,9 +201,9 @@ def _wait_for_a_trial(mlflow_client, proc: subprocess.Popen, timeout: float = 60
             Path(mlflow_client.tracking_uri.removeprefix("sqlite:///")).exists()) else None
         if exp is not None:
             runs = mlflow_client.search_runs([exp.experiment_id],
-                                             "tags.`sweeper.kind` = 'trial' and "
+                                             f"tags.`sweeper.kind` = '{kind}' and "
                                              "attributes.status = 'RUNNING'")
-            if any("trainable_params" in r.data.metrics for r in runs):
+            if any(metric in r.data.metrics for r in runs):
                 return
         time.sleep(0.1)
     pytest.fail("no trial got as far as its model")
@@ -236,17 +238,59 @@ def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs
     check_consistent(study, mlflow_client)
 
 
-def test_ctrl_c_in_one_trial_is_one_line(outputs, mlflow_client):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_in_one_trial_is_one_line_and_its_run_ends_killed(sig, outputs,
+                                                                             mlflow_client):
+    # SIGTERM: kill, timeout, a scheduler's cancel or time limit; the run must not stay RUNNING
     cmd = [sys.executable, "-m", "sweeper.run", *TINY, f"paths.outputs={outputs}",
            "trainer.epochs=200"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_a_trial(mlflow_client, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + sig
     assert "Traceback" not in err + out, err[-3000:]
     assert "ended KILLED; run the same command again" in err.strip().splitlines()[-1]
+    exp = mlflow_client.get_experiment_by_name("sweeper")
+    runs = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'trial'")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_sigterm_during_source_pretraining_ends_its_run_killed(outputs, mlflow_client):
+    cmd = [sys.executable, "-m", "sweeper.run", *TINY, f"paths.outputs={outputs}",
+           "backbone.weights=source", "source.dataset.train_per_class=40",
+           "source.dataset.val_per_class=2", "source.dataset.test_per_class=2",
+           "source.trainer.epochs=500", "source.trainer.batch_size=8"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_a_trial(mlflow_client, proc, kind="pretrain", metric="val_acc")
+    proc.terminate()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err + out, err[-3000:]
+    exp = mlflow_client.get_experiment_by_name("sweeper").experiment_id
+    statuses = {r.data.tags["sweeper.kind"]: r.info.status for r in mlflow_client.search_runs([exp])}
+    assert statuses == {"pretrain": "KILLED", "trial": "KILLED"}
+    assert [p.suffix for p in (outputs / "pretrained").iterdir()] == [".lock"]  # no partial file
+
+
+def test_sigterm_stops_a_study_as_ctrl_c_does_nothing_left_running(outputs, mlflow_client):
+    proc = subprocess.Popen(_sweep_cmd(outputs, "hydra.sweeper.n_trials=2", "trainer.epochs=200"),
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_for_a_trial(mlflow_client, proc)
+    proc.terminate()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err + out, err[-3000:]
+    assert f"Interrupted: study '{STUDY}' is resumable" in err.strip().splitlines()[-1]
+    parent, children = study_runs(mlflow_client)
+    assert parent.info.status == "KILLED"
+    assert [r.info.status for r in children] == ["KILLED"]
+    study = load_study(outputs)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states  # run again
 
 
 def test_a_failed_trial_is_one_line_on_the_console_its_trace_in_the_job_log(cli, outputs):

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sweeper.config import CONFIG_PATH
+from sweeper.errors import exit_interrupted, stop_on_sigterm
 from sweeper.export import export
 
 
@@ -28,4 +29,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stop_on_sigterm()
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        exit_interrupted(e)
