@@ -46,6 +46,11 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _terminate)
 
 
+def interruption() -> str:
+    """What interrupted this process, for the ``error`` tag of the runs it ends KILLED."""
+    return "interrupted (SIGTERM)" if signal.SIGTERM in _signalled else "interrupted (Ctrl-C)"
+
+
 def exit_interrupted(error: KeyboardInterrupt) -> NoReturn:
     """An entry point's end after Ctrl-C or SIGTERM: one line (what was kept, how to go on),
     no trace, and the shell's status for the signal (130 for Ctrl-C, 143 for SIGTERM)."""

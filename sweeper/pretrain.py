@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweeper import data as data_mod
 from sweeper import timing
 from sweeper.device import place_model, resolve_device
-from sweeper.errors import UserError, cannot_write
+from sweeper.errors import UserError, cannot_write, interruption
 from sweeper.model import StateDict, build, from_file, identity, named_weights, weights_from_file
 from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
 from sweeper.train import evaluate, fit
@@ -164,7 +164,10 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
             raise cannot_write("the source checkpoint", path, e, "paths.pretrained") from None
         run.tags({Tag.CHECKPOINT: str(path)})
         log.info("Source pretraining done: test accuracy %.3f in %.1fs", test_acc, train_time_s)
-    except BaseException as e:  # Ctrl-C or SIGTERM: KILLED, as a trial's run
-        run.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", e)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: KILLED, as a trial's run
+        run.end("KILLED", interruption())
+        raise
+    except BaseException as e:
+        run.end("FAILED", e)
         raise
     run.end()

@@ -21,7 +21,7 @@ from sweeper import data as data_mod
 from sweeper import feeds, schedule, timing
 from sweeper.config import config_yaml, resolved
 from sweeper.device import as_input, configure, gather, place_model, resolve_device
-from sweeper.errors import Interrupted
+from sweeper.errors import Interrupted, interruption
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import pretrain_if_needed, pretrain_run_id, resolve_weights
 from sweeper.states import StateStore
@@ -143,7 +143,7 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
         # run is then ended FAILED with it and its batch written, not left RUNNING.
         run.finish(State.COMPLETE)
     except BaseException as e:
-        run.finish(_ended_by(e), "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else e)
+        run.finish(_ended_by(e), interruption() if isinstance(e, KeyboardInterrupt) else e)
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
             raise Interrupted(f"Interrupted: the trial's MLflow run {run.run_id} ended KILLED; "
                               "run the same command again to train it.") from None

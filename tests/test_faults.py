@@ -255,6 +255,8 @@ def test_ctrl_c_or_sigterm_in_one_trial_is_one_line_and_its_run_ends_killed(sig,
     exp = mlflow_client.get_experiment_by_name("sweeper")
     runs = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'trial'")
     assert [r.info.status for r in runs] == ["KILLED"]
+    reason = "interrupted (SIGTERM)" if sig == signal.SIGTERM else "interrupted (Ctrl-C)"
+    assert runs[0].data.tags["error"] == reason
 
 
 def test_sigterm_during_source_pretraining_ends_its_run_killed(outputs, mlflow_client):
@@ -270,8 +272,10 @@ def test_sigterm_during_source_pretraining_ends_its_run_killed(outputs, mlflow_c
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
     exp = mlflow_client.get_experiment_by_name("sweeper").experiment_id
-    statuses = {r.data.tags["sweeper.kind"]: r.info.status for r in mlflow_client.search_runs([exp])}
-    assert statuses == {"pretrain": "KILLED", "trial": "KILLED"}
+    runs = {r.data.tags["sweeper.kind"]: r for r in mlflow_client.search_runs([exp])}
+    assert {kind: r.info.status for kind, r in runs.items()} == {"pretrain": "KILLED",
+                                                                 "trial": "KILLED"}
+    assert runs["pretrain"].data.tags["error"] == "interrupted (SIGTERM)"
     assert [p.suffix for p in (outputs / "pretrained").iterdir()] == [".lock"]  # no partial file
 
 
@@ -288,6 +292,7 @@ def test_sigterm_stops_a_study_as_ctrl_c_does_nothing_left_running(outputs, mlfl
     parent, children = study_runs(mlflow_client)
     assert parent.info.status == "KILLED"
     assert [r.info.status for r in children] == ["KILLED"]
+    assert children[0].data.tags["error"] == "interrupted (SIGTERM)"
     study = load_study(outputs)
     states = [t.state for t in study.trials]
     assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states  # run again

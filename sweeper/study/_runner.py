@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sweeper import timing
 from sweeper.config import task_config
-from sweeper.errors import Interrupted, UserError
+from sweeper.errors import Interrupted, UserError, interruption
 from sweeper.report import (
     RULE_CONFIDENCE,
     RULE_TOLERANCE,
@@ -262,7 +262,7 @@ class StudyRunner:
                     if self._stop.is_set() or not self._wait_for_others():
                         break
         except KeyboardInterrupt:
-            self._abandon_mine("interrupted (KeyboardInterrupt)")
+            self._abandon_mine(interruption())
             self.parent.tags({"error": "interrupted; run the same command to resume"})
             self.parent.end("KILLED")
             done = sum(t.state.is_finished() and _trials.counts_toward_total(t)
