@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -49,6 +50,16 @@ def stop_on_sigterm() -> None:
 def interruption() -> str:
     """What interrupted this process, for the ``error`` tag of the runs it ends KILLED."""
     return "interrupted (SIGTERM)" if signal.SIGTERM in _signalled else "interrupted (Ctrl-C)"
+
+
+def entry_point(main: Callable[[], object]) -> None:
+    """Run a command's ``main`` as ``python -m`` does: SIGTERM stops it as Ctrl-C does
+    (:func:`stop_on_sigterm`), and either ends it with :func:`exit_interrupted`."""
+    stop_on_sigterm()
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        exit_interrupted(e)
 
 
 def exit_interrupted(error: KeyboardInterrupt) -> NoReturn:

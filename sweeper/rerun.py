@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper.errors import UserError, exit_interrupted, stop_on_sigterm
+from sweeper.errors import UserError, entry_point
 
 log = logging.getLogger("sweeper.rerun")
 
@@ -110,11 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
-        exit_interrupted(e)
     return 0
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()
-    sys.exit(main())
+    entry_point(lambda: sys.exit(main()))

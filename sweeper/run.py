@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from sweeper import study
 from sweeper.config import CONFIG_PATH
-from sweeper.errors import exit_interrupted, stop_on_sigterm
+from sweeper.errors import entry_point
 from sweeper.trial import run_trial
 
 
@@ -24,8 +24,4 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()
-    try:
-        main()
-    except KeyboardInterrupt as e:
-        exit_interrupted(e)
+    entry_point(main)

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sweeper.config import CONFIG_PATH
-from sweeper.errors import exit_interrupted, stop_on_sigterm
+from sweeper.errors import entry_point
 from sweeper.export import export
 
 
@@ -29,8 +29,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()
-    try:
-        main()
-    except KeyboardInterrupt as e:
-        exit_interrupted(e)
+    entry_point(main)
