@@ -65,6 +65,35 @@ def logged_config(run_id: str, tracking_uri: str,
     return OmegaConf.merge({"paths": paths}, logged), run
 
 
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``key=value`` changes to a logged config: a key it does not have is refused (named, with
+    the setting it most likely means), so that a typo is not trained as if it were the change;
+    ``+key=value`` adds a key of one's own, as in Hydra."""
+    from sweeper.validate import near_miss
+
+    plain = []
+    for override in overrides:
+        key, eq, _ = override.partition("=")
+        if not eq:
+            raise UserError(f"Could not apply the override {override!r}: use key=value "
+                            "(e.g. trainer.device=cuda), or +key=value to add a key.")
+        if key.startswith("+"):
+            plain.append(override[1:])
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node:
+            meant = near_miss(leaf, list(node)) if isinstance(node, DictConfig) else None
+            hint = f" (did you mean {parent + '.' if parent else ''}{meant}?)" if meant else ""
+            raise UserError(f"{key} is not in the run's config{hint}: nothing would read it. "
+                            f"Change a key the run has, or add one of your own with +{override}.")
+        plain.append(override)
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(plain))
+    except Exception as e:  # noqa: BLE001 - a malformed override is the user's to fix
+        raise UserError(f"Could not apply overrides {overrides}: {e}") from None
+
+
 def rerun(run_id: str, tracking_uri: str | None = None, overrides: list[str] | None = None
           ) -> dict[str, Any]:
     """Re-run trial ``run_id`` from its logged config; returns the new trial's results."""
@@ -77,10 +106,7 @@ def rerun(run_id: str, tracking_uri: str | None = None, overrides: list[str] | N
     cfg.tracking.experiment = original.data.params.get("tracking.experiment",
                                                        cfg.tracking.experiment)
     if overrides:
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-        except Exception as e:  # noqa: BLE001 - a malformed override is the user's to fix
-            raise UserError(f"Could not apply overrides {overrides}: {e}") from None
+        cfg = apply_overrides(cfg, overrides)
     now = code_version()
     then = {k: original.data.tags.get(k, "unknown") for k in now}
     if then != now or now["git_dirty"] == "true":

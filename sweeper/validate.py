@@ -18,6 +18,7 @@ before any data is read, any network pretrained or any cache entry filled.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Callable
@@ -187,6 +188,16 @@ RULES: dict[str, tuple[Rule, ...]] = {
 }
 # The source task of backbone.weights=source has groups of its own (conf/source/).
 SOURCE_GROUPS = ("dataset", "optim", "trainer")
+# The keys code reads in the groups whose keys are fixed (the rules' and those checked
+# elsewhere). A key of one's own may be added (``+trainer.note=x``: logged as a param, read by
+# nothing), but not one a setting's name is a near miss of: that is a typo, whose value would
+# be ignored (``+trainer.epoch=3`` trains trainer.epochs).
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "trainer": (*(r.key for r in RULES["trainer"]), "device"),
+    "optim": (*(r.key for r in RULES["optim"]), "layer_decay", "optimizer"),
+    "freeze": tuple(dict.fromkeys((*(r.key for r in RULES["freeze"]), *schedule.FREEZE_KEYS,
+                                   *(k for ks in schedule.STRATEGY_KEYS.values() for k in ks)))),
+}
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -213,11 +224,25 @@ def rule_for(key: str) -> tuple[str, Rule] | None:
     return None
 
 
+def near_miss(key: str, settings: tuple[str, ...] | list[str]) -> str | None:
+    """The setting ``key`` is most likely a typo of, if it is close enough to one."""
+    close = difflib.get_close_matches(key, [s for s in settings if s != key], n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def check_rules(cfg: DictConfig, group: str, prefix: str = "") -> None:
-    """``cfg[group]``'s values against :data:`RULES` (keys it does not have are skipped)."""
+    """``cfg[group]``'s values against :data:`RULES` (keys it does not have are skipped), and
+    its added keys against :data:`SETTINGS` (a near miss of a setting is refused)."""
     node = OmegaConf.select(cfg, f"{prefix}{group}") if prefix or group else cfg
     if not isinstance(node, DictConfig):
         return
+    settings = SETTINGS.get(group, ())
+    for key in (k for k in node if settings and k not in settings):
+        meant = near_miss(str(key), settings)
+        if meant is not None:
+            raise UserError(f"{prefix}{group}.{key} is not a setting (did you mean "
+                            f"{prefix}{group}.{meant}?): nothing would read it. Set "
+                            f"{prefix}{group}.{meant}=... instead.")
     for rule in RULES[group]:
         value = _get(node, rule.key)
         if value is not _ABSENT:

@@ -62,6 +62,13 @@ MISTAKES = [
     (["backbone.weights=source", "source.dataset.train_per_class=5900"],
      "source.dataset.train_per_class=5900"),
     (["tracking.experiment=''"], "tracking.experiment= is not valid: use a non-empty string"),
+    # a key added with + that is a near miss of a setting: a typo, whose value nothing reads
+    (["+trainer.epoch=3"], "trainer.epoch is not a setting (did you mean trainer.epochs?)"),
+    (["+freeze.unfroze=3"], "freeze.unfroze is not a setting (did you mean freeze.unfrozen?)"),
+    (["+optim.lr_heads=0.1"], "optim.lr_heads is not a setting (did you mean optim.lr_head?)"),
+    (["freeze=gradual", "+freeze.head_epoch=2"], "did you mean freeze.head_epochs?"),
+    (["backbone.weights=source", "+source.trainer.batchsize=8"],
+     "source.trainer.batchsize is not a setting (did you mean source.trainer.batch_size?)"),
     (["tracking.uri=foo://bar"], "tracking.uri=foo://bar: cannot open the MLflow tracking store"),
     (["tracking.uri=http://127.0.0.1:9"], "no MLflow tracking server answers there"),
 ]
@@ -83,6 +90,8 @@ def test_the_packaged_configs_pass(make_cfg):
     check_config(make_cfg("dataset=digits", "freeze.unfrozen=9", "optim=adamw",
                           "augment=crop_flip", "backbone.weights=source", tiny=False))
     check_config(make_cfg("backbone=vit_b_16", "dataset.image_size=32"))
+    # keys of one's own (logged as params), not near misses of a setting, are kept
+    check_config(make_cfg("+trainer.note=x", "+optim.comment=baseline", "freeze=progressive"))
 
 
 def test_paths_that_cannot_be_written(make_cfg, tmp_path):

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from sweeper.rerun import rerun
+import pytest
+from omegaconf import OmegaConf
+
+from sweeper.errors import UserError
+from sweeper.rerun import apply_overrides, rerun
 from sweeper.trial import run_trial
 
 
@@ -29,3 +33,16 @@ def test_rerun_of_an_unknown_run_says_so(outputs):
                           capture_output=True, text=True)
     assert done.returncode == 1
     assert "No MLflow run 0123abcd" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_override_of_a_key_the_run_lacks_is_refused_not_ignored():
+    """A typo in a re-run's change is named with the key it most likely means; +key adds."""
+    logged = OmegaConf.create({"trainer": {"epochs": 2, "seed": 0}, "optim": {"lr_head": 0.05}})
+    changed = apply_overrides(logged, ["trainer.epochs=1", "+trainer.note=x"])
+    assert changed.trainer.epochs == 1 and changed.trainer.note == "x"
+    with pytest.raises(UserError, match=r"trainer\.epoch is not in the run's config \(did you "
+                                        r"mean trainer\.epochs\?\)"):
+        apply_overrides(logged, ["trainer.epoch=1"])
+    with pytest.raises(UserError, match="nosuchkey is not in the run's config: .* "
+                                        r"\+nosuchkey=1"):
+        apply_overrides(logged, ["nosuchkey=1"])
