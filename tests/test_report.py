@@ -91,3 +91,27 @@ def test_report_with_little_data_says_what_is_missing(make_cfg, outputs):
     assert report.decision.tolerance == 0.5 and report.decision.confidence == 0.9
     joined = " ".join(report.notes)
     assert "Full fine-tuning" in joined and "measured once" in joined
+
+
+def test_importances_too_rough_for_a_parameter_say_so_on_the_plot_not_as_a_warning():
+    """Optuna's evaluator warns when a parameter (a conditional one: lr_backbone exists only
+    once units train) has too few trials in part of its range; the report's output shows no
+    Python warning, and the importance plot's title names the parameter instead."""
+    import warnings
+
+    import optuna
+
+    from sweeper.report._plots import _importances
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr_head", 1e-3, 0.3, log=True)
+                   + (t.suggest_float("lr_backbone", 1e-4, 0.1, log=True) if t.number == 0 else 0),
+                   n_trials=6)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        importances, rough = _importances(study)
+    assert set(importances) == {"lr_head", "lr_backbone"}
+    assert rough == ["lr_backbone"]
+    assert not [w for w in said if "regimes" in str(w.message)]

@@ -4,6 +4,7 @@ by depth, parameter importances."""
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def plots(trials: pd.DataFrame, table: pd.DataFrame, decision: Decision, folder:
         front = done[pareto_mask(trials)[done.index]].sort_values("train_time_s")
         ax.plot(front.train_time_s, front.val_acc, "k--", lw=1, label="Pareto front")
         ax.scatter(front.train_time_s, front.val_acc, facecolors="none", edgecolors="k", s=110)
+        ax.margins(0.08, 0.12)  # room for the outlined front's markers at the edges
         fig.colorbar(sc, ax=ax, label="unfrozen units")
         ax.set(xlabel="training time (s)", ylabel="validation accuracy",
                title="Training time vs accuracy, every trial"
@@ -68,13 +70,15 @@ def plots(trials: pd.DataFrame, table: pd.DataFrame, decision: Decision, folder:
         plt.close(fig)
         written.append("pareto.png")
     if study is not None:
-        importances = _importances(study)
+        importances, rough = _importances(study)
         if importances:
             fig, ax = plt.subplots(figsize=(6, 3))
             names = list(importances)[::-1]
             ax.barh(names, [importances[n] for n in names])
-            ax.set(xlabel="importance for validation accuracy (Optuna's default evaluator)",
-                   title="Hyperparameter importances")
+            ax.set(xlabel="importance for validation accuracy (Optuna's default evaluator)")
+            ax.set_title("Hyperparameter importances" + (
+                f"\n(rough for {', '.join(rough)}: too few trials in part of its range)"
+                if rough else ""), fontsize=10 if rough else None)
             fig.tight_layout()
             fig.savefig(folder / "importance.png", dpi=120)
             plt.close(fig)
@@ -139,20 +143,30 @@ def _depth_plot(plt, done: pd.DataFrame, table: pd.DataFrame, decision: Decision
     plt.close(fig)
 
 
-def _importances(study) -> dict[str, float]:
+def _importances(study) -> tuple[dict[str, float], list[str]]:
+    """Optuna's parameter importances for the first objective, and the parameters its
+    evaluator found too few trials for in some of their range (said on the plot, instead of
+    a Python warning in the middle of the report's output)."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) < 3:
-        return {}
+        return {}, []
     try:
         # Optuna's default evaluator (PED-ANOVA) ranks what drives the target *low*: negate a
         # maximised first objective (validation accuracy).
         sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
-        with warnings.catch_warnings():  # its reminder to do exactly that
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
             warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
-            return optuna.importance.get_param_importances(
+            importances = optuna.importance.get_param_importances(
                 study, target=lambda t: sign * t.values[0])
     except (ValueError, RuntimeError) as e:
         log.info("No parameter importances: %s", e)
-        return {}
+        return {}, []
+    rough = [m.group(1) for w in said
+             if (m := re.search(r"regimes for parameter `([^`]+)` have less than", str(w.message)))]
+    for w in said:  # any other warning as it was
+        if not re.search(r"regimes for parameter `", str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return importances, list(dict.fromkeys(rough))
