@@ -140,6 +140,11 @@ def test_exported_file_runs_in_a_fresh_process_with_the_logged_test_accuracy(stu
     assert got["acc"] == pytest.approx(run.data.metrics["test_acc"], abs=1e-3)
     assert got["other_size"] == [3, 10]  # any image size: resized inside
     assert (folder / "model.onnx").is_file()
+    # exported again without ONNX: the folder holds what model.json lists, no stale model.onnx
+    done = _run("sweeper.export", study, "register=false", "onnx=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((folder / "model.json").read_text())["files"] == ["model.pt2"]
+    assert not (folder / "model.onnx").exists()
 
 
 def test_the_registered_version_predicts_through_pyfunc(study):

@@ -111,6 +111,9 @@ def export_run(cfg: DictConfig, run_id: str, tracker: Tracker | None = None,
         log.warning("the exported model's test accuracy %.4f differs from the trial's %.4f",
                     test_acc, logged)
     onnx = _onnx(served, example, folder / "model.onnx", test.images[:64]) if cfg.onnx else None
+    if onnx is None and (folder / "model.onnx").exists():  # an earlier export's, not this model
+        (folder / "model.onnx").unlink()
+        log.info("removed %s: an earlier export's, and this one has none", folder / "model.onnx")
     meta = _metadata(got, run, study, test_acc, example, served, onnx is not None)
     model_uri = None
     if cfg.register:
