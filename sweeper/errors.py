@@ -1,25 +1,64 @@
-"""Errors a user can cause and fix: Hydra prints their message alone and exits non-zero; and how
-an entry point stops when it is interrupted (Ctrl-C, or SIGTERM from ``kill``, ``timeout`` or a
-scheduler)."""
+"""Errors a user can cause and fix: their message alone and a non-zero exit, wherever they are
+raised (:func:`exit_user_error`); and how an entry point stops when it is interrupted (Ctrl-C,
+or SIGTERM from ``kill``, ``timeout`` or a scheduler)."""
 
 import errno
 import logging
+import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 
 
 class UserError(CompactHydraException):
     """A mistake in the config, the data or the environment, with what to do about it.
 
-    Hydra prints a ``CompactHydraException`` as its message alone (no stack trace) and exits
-    with status 1; ``HYDRA_FULL_ERROR=1`` still shows the trace for debugging.
+    A command prints it alone and exits with status 1 (:func:`exit_user_error`);
+    ``HYDRA_FULL_ERROR=1`` adds the stack trace for debugging.
     """
+
+
+def full_error() -> bool:
+    """Whether ``HYDRA_FULL_ERROR=1`` asks for stack traces (Hydra's own switch)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def exit_user_error(error: UserError) -> NoReturn:
+    """A command's end after a :class:`UserError`: its message alone on stderr (the trace
+    first with ``HYDRA_FULL_ERROR=1``) and exit status 1."""
+    if full_error():
+        traceback.print_exception(error)
+    print(str(error), file=sys.stderr)
+    sys.exit(1)
+
+
+class UserErrorAlone(Callback):
+    """A :class:`UserError` raised in a Hydra command's job (``hydra.callbacks`` of
+    ``conf/config.yaml``, ``export.yaml``, ``report.yaml``) ends it with its message alone.
+
+    Hydra catches what the job raises, writes "Error executing job with overrides: [...]"
+    when it reads the job's return value, and adds a hint about ``HYDRA_FULL_ERROR`` after the
+    message; ``on_run_end`` comes before both, with the job's return. Single runs only: a
+    study's failing trials are recorded by the study, not fatal. The job has already ended its
+    MLflow run (FAILED) by then. With ``HYDRA_FULL_ERROR=1`` Hydra reports it, trace included.
+    """
+
+    def on_run_end(self, config: Any, config_name: str | None = None,
+                   job_return: JobReturn | None = None, **kwargs: Any) -> None:
+        # the exception of a failed job: JobReturn reads it out only by raising it, after
+        # writing Hydra's "Error executing job" line
+        error = getattr(job_return, "_return_value", None)
+        if (job_return is not None and job_return.status == JobStatus.FAILED
+                and isinstance(error, UserError) and not full_error()):
+            exit_user_error(error)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -54,12 +93,16 @@ def interruption() -> str:
 
 def entry_point(main: Callable[[], object]) -> None:
     """Run a command's ``main`` as ``python -m`` does: SIGTERM stops it as Ctrl-C does
-    (:func:`stop_on_sigterm`), and either ends it with :func:`exit_interrupted`."""
+    (:func:`stop_on_sigterm`), and either ends it with :func:`exit_interrupted`; a
+    :class:`UserError` that reaches here ends it with :func:`exit_user_error` (in a Hydra job,
+    :class:`UserErrorAlone` does, as Hydra catches it first)."""
     stop_on_sigterm()
     try:
         main()
     except KeyboardInterrupt as e:
         exit_interrupted(e)
+    except UserError as e:
+        exit_user_error(e)
 
 
 def exit_interrupted(error: KeyboardInterrupt) -> NoReturn:

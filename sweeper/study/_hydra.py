@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sweeper.config import task_config
-from sweeper.errors import UserError
+from sweeper.errors import UserError, exit_user_error
 from sweeper.study._runner import StudyRunner
 from sweeper.study._schema import check_settings
 from sweeper.study._settings import one_at_a_time, settings_in
@@ -303,10 +301,7 @@ class CheckBeforeWork(Callback):
                 check_settings(settings_in(task, hc.sweeper), task, list(hc.overrides.task),
                                choices=hc.runtime.choices, sweep_dir=hc.sweep.dir)
         except UserError as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                traceback.print_exc()
-            print(str(e), file=sys.stderr)
-            sys.exit(1)
+            exit_user_error(e)
 
 
 def runs_here(target: str) -> bool:
