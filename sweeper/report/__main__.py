@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sweeper.config import CONFIG_PATH
+from sweeper.errors import entry_point
 from sweeper.report import make_design_report, make_report, show
 
 
@@ -25,4 +26,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main)
