@@ -242,10 +242,24 @@ def _digits(cfg: DictConfig) -> Sources:
     return Sources(_tensor_pool(images, digits.target))
 
 
-def _folder_root(cfg: DictConfig, layout: str, example: str) -> Path:
+# The kinds whose images are files under dataset.root: what the folder holds, and an example.
+FOLDER_KINDS: dict[str, tuple[str, str]] = {
+    "image_folder": ("a folder with one subfolder of images per class",
+                     "dataset=image_folder dataset.root=/path/to/images"),
+    "split_folder": ("a folder already split into train/, val/ (and test/), each with one "
+                     "subfolder of images per class",
+                     "dataset=split_folder dataset.root=/path/to/images"),
+}
+
+
+def folder_root(cfg: DictConfig, prefix: str = "") -> Path:
+    """The ``root`` of a dataset of a kind in :data:`FOLDER_KINDS`, which must be a folder
+    (checked before any work by :mod:`sweeper.validate`, and again when it is read)."""
+    layout, example = FOLDER_KINDS[kind_of(cfg)]
     root = "???" if OmegaConf.is_missing(cfg, "root") else cfg.root
     if root == "???" or root is None or not Path(root).is_dir():
-        raise UserError(f"dataset.root={root} is not a folder. Point it at {layout}:  {example}")
+        raise UserError(f"{prefix}dataset.root={root} is not a folder. Point it at {layout}:  "
+                        f"{example}")
     return Path(root)
 
 
@@ -266,16 +280,13 @@ def _scan(folder: Path, class_names: list[str] | None = None) -> tuple[list[str]
 
 
 def _image_folder(cfg: DictConfig) -> Sources:
-    root = _folder_root(cfg, "a folder with one subfolder of images per class",
-                        "dataset=image_folder dataset.root=/path/to/images")
+    root = folder_root(cfg)
     _, paths, labels = _scan(root)
     return Sources(_file_pool(paths, labels, cfg))
 
 
 def _split_folder(cfg: DictConfig) -> Sources:
-    root = _folder_root(cfg, "a folder already split into train/, val/ (and test/), each with one "
-                        "subfolder of images per class",
-                        "dataset=split_folder dataset.root=/path/to/images")
+    root = folder_root(cfg)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise UserError(f"dataset.root={root} needs train/ and val/ subfolders (test/ is "
                         "optional), each with one subfolder of images per class.")

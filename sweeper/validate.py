@@ -253,8 +253,11 @@ def check_rules(cfg: DictConfig, group: str, prefix: str = "") -> None:
 
 def _check_dataset(dataset: DictConfig, prefix: str = "") -> None:
     """The dataset's settings (:func:`sweeper.data.check`), its classes, and its split sizes
-    against what the dataset holds, where that is known without reading it."""
+    against what the dataset holds, where that is known without reading it; a folder dataset's
+    root must be a folder (before a run folder and an MLflow run are made for it)."""
     kind = data_mod.check(dataset)
+    if data_mod.kind_of(dataset) in data_mod.FOLDER_KINDS:
+        data_mod.folder_root(dataset, prefix)
     mean, std = _get(dataset, "mean"), _get(dataset, "std")
     if mean is not _ABSENT and std is not _ABSENT:
         if len(mean) != len(std) or len(mean) not in (1, 3):
