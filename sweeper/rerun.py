@@ -41,7 +41,7 @@ def logged_config(run_id: str, tracking_uri: str,
     where composing ``conf/`` is not possible)."""
     from mlflow.exceptions import MlflowException
 
-    from sweeper.tracking import open_store
+    from sweeper.tracking import is_trial, open_store
 
     client = open_store(tracking_uri, "--tracking-uri")
     try:
@@ -49,6 +49,10 @@ def logged_config(run_id: str, tracking_uri: str,
     except MlflowException:
         raise UserError(f"No MLflow run {run_id} in {tracking_uri}. Copy the run id from the "
                         "MLflow UI, and pass --tracking-uri if the store is elsewhere.") from None
+    if not is_trial(run):
+        raise UserError(f"Run {run_id} ({run.info.run_name}) is not a trial: pass a trial's run "
+                        "id (in the MLflow UI, a study's trials are the runs nested under its "
+                        "parent run).")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, "config.yaml", tmp)
@@ -125,17 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sweeper.rerun", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_id", help="MLflow run id of the trial to re-run")
-    parser.add_argument("overrides", nargs="*", help="key=value changes to the logged config")
+    # a default makes argparse treat a "*" positional as optional (without one, calling with
+    # no arguments at all says "required: run_id, overrides")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="key=value changes to the logged config (optional)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: tracking.uri of conf/: $MLFLOW_TRACKING_URI, "
                              "else mlflow.db under $SWEEPER_OUTPUTS or outputs/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    try:
-        rerun(args.run_id, args.tracking_uri, args.overrides)
-    except UserError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
+    rerun(args.run_id, args.tracking_uri, args.overrides)  # a UserError: entry_point reports it
     return 0
 
 

@@ -116,6 +116,12 @@ class Param(StrEnum):
     DESIGN_SWEEP = "design.sweep"
 
 
+def is_trial(run: Any) -> bool:
+    """Whether an MLflow run (``mlflow.entities.Run``) is a trial's, the runs ``export run=``
+    and ``rerun`` take: a study's parent run or a pretraining run has no freeze depth."""
+    return Param.UNFROZEN in run.data.params
+
+
 _RUN = ["python", "-m", "sweeper.run"]
 
 

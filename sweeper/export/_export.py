@@ -16,7 +16,7 @@ from sweeper.errors import UserError
 from sweeper.export._module import Served, fold_batchnorm, to_onnx, to_pt2
 from sweeper.export._registry import log_and_register
 from sweeper.export._source import Trained, trained
-from sweeper.tracking import Param, Run, Tag, Tracker
+from sweeper.tracking import Run, Tag, Tracker, is_trial
 
 log = logging.getLogger("sweeper.export")
 
@@ -91,7 +91,7 @@ def export_run(cfg: DictConfig, run_id: str, tracker: Tracker | None = None,
                         "the MLflow UI or the study's report.") from None
     tags = run.data.tags
     study = tags.get(Tag.STUDY)
-    if Param.UNFROZEN not in run.data.params:
+    if not is_trial(run):
         raise UserError(f"Run {run_id} ({run.info.run_name}) is not a trial: export a trial's "
                         "run, or a study with study=NAME / parent_run=RUN_ID.")
     got = trained(tracker, cfg.paths, study, run_id, bool(cfg.retrain))
