@@ -8,8 +8,10 @@ import torchvision
 
 
 def _fails_cleanly(done, *expected: str) -> None:
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr, done.stderr
+    """One message: no trace, and none of Hydra's lines around it (raised before or in the job)."""
+    assert done.returncode == 1, done.stderr
+    for hydra_line in ("Traceback", "Error executing job", "HYDRA_FULL_ERROR"):
+        assert hydra_line not in done.stderr, done.stderr
     for text in expected:
         assert text in done.stderr, done.stderr
 
@@ -48,10 +50,11 @@ def test_unfrozen_out_of_range(cli):
     _fails_cleanly(cli("freeze.unfrozen=10"), "freeze.unfrozen=10 is outside 0..9")
 
 
-def test_image_folder_missing_or_without_root(cli, tmp_path, mlflow_client):
+def test_image_folder_missing_or_without_root(cli, tmp_path, outputs):
     _fails_cleanly(cli("dataset=image_folder"), "dataset.root=??? is not a folder")
     _fails_cleanly(cli("dataset=image_folder", f"dataset.root={tmp_path}/nope"),
-                   "is not a folder")
+                   f"dataset.root={tmp_path}/nope is not a folder")
+    assert not (outputs / "runs").exists() and not (outputs / "mlartifacts").exists()  # before work
 
 
 def test_image_folder_with_an_empty_class(cli, tmp_path, mlflow_client):
@@ -61,8 +64,11 @@ def test_image_folder_with_an_empty_class(cli, tmp_path, mlflow_client):
     (tmp_path / "imgs" / "b").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a" / "0.png")
     _fails_cleanly(cli("dataset=image_folder", f"dataset.root={tmp_path}/imgs"),
-                   "at least one image")
+                   "at least one image")  # raised in the job, after its run was recorded
     _failed_run(mlflow_client, "at least one image")
+    debug = cli("dataset=image_folder", f"dataset.root={tmp_path}/imgs",
+                env={"HYDRA_FULL_ERROR": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr  # the trace, on request
 
 
 def test_weights_file_missing_or_not_fitting(cli, tmp_path, mlflow_client):

@@ -45,6 +45,8 @@ MISTAKES = [
     (["dataset=fashion_mnist", "dataset.test_per_class=2000"], "test set has 1000 images"),
     (["dataset=image_folder", "dataset.on_bad_image=ignore"],
      "dataset.on_bad_image=ignore is not valid: use one of skip, fail"),
+    (["dataset=image_folder", "dataset.root=/no/such/images"],
+     "dataset.root=/no/such/images is not a folder"),
     (["cache.dtype=int8"], "cache.dtype=int8 is not valid: use one of float16, bfloat16, float32"),
     (["cache.mode=always"], "cache.mode=always is not valid"),
     (["cache.memory_budget_mb=-5"], "cache.memory_budget_mb=-5 is not valid"),

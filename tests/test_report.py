@@ -3,6 +3,10 @@ by the rule of sweeper.decision, and the answer on the parent run."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from sweeper.report import make_report
 from sweeper.tracking import Tracker
 from sweeper.trial import run_trial
@@ -115,3 +119,17 @@ def test_importances_too_rough_for_a_parameter_say_so_on_the_plot_not_as_a_warni
     assert set(importances) == {"lr_head", "lr_backbone"}
     assert rough == ["lr_backbone"]
     assert not [w for w in said if "regimes" in str(w.message)]
+
+
+def test_report_errors_are_one_message(outputs):
+    env = {**os.environ, "HYDRA_FULL_ERROR": ""}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for pick, message in (("study=nosuch", "No study named 'nosuch'"),
+                          ("parent_run=nosuch", "No MLflow run nosuch")):
+        done = subprocess.run([sys.executable, "-m", "sweeper.report", pick,
+                               f"paths.outputs={outputs}"], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert message in done.stderr
+        for hydra_line in ("Traceback", "Error executing job", "HYDRA_FULL_ERROR"):
+            assert hydra_line not in done.stderr, done.stderr

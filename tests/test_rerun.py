@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sweeper.errors import UserError
-from sweeper.rerun import apply_overrides, rerun
+from sweeper.rerun import apply_overrides, main, rerun
 from sweeper.trial import run_trial
 
 
@@ -27,10 +28,38 @@ def test_rerun_reproduces_val_acc_exactly(make_cfg, outputs, mlflow_client):
     assert new.data.params == mlflow_client.get_run(original["run_id"]).data.params
 
 
+def _rerun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": ""}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "sweeper.rerun", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_rerun_of_a_study_parent_run_is_refused(make_cfg, outputs, mlflow_client):
+    from sweeper.study._mlflow import start_parent
+    from sweeper.tracking import Tracker
+
+    cfg = make_cfg()
+    parent = start_parent(Tracker(cfg.tracking), "s1", "sqlite:///optuna.db",
+                          {"hydra.sweeper.n_trials": 2}, [], OmegaConf.to_yaml(cfg))
+    parent.end()
+    done = _rerun(parent.run_id, "--tracking-uri", f"sqlite:///{outputs}/mlflow.db")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"Run {parent.run_id} (s1) is not a trial: pass a trial's run id" in done.stderr
+    assert "Traceback" not in done.stderr
+    runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("sweeper").experiment_id])
+    assert [r.info.run_id for r in runs] == [parent.run_id]  # nothing trained, nothing logged
+
+
+def test_rerun_needs_only_a_run_id(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    assert "the following arguments are required: run_id\n" in capsys.readouterr().err
+
+
 def test_rerun_of_an_unknown_run_says_so(outputs):
-    done = subprocess.run([sys.executable, "-m", "sweeper.rerun", "0123abcd",
-                           "--tracking-uri", f"sqlite:///{outputs}/mlflow.db"],
-                          capture_output=True, text=True)
+    done = _rerun("0123abcd", "--tracking-uri", f"sqlite:///{outputs}/mlflow.db")
     assert done.returncode == 1
     assert "No MLflow run 0123abcd" in done.stderr and "Traceback" not in done.stderr
 
