@@ -41,7 +41,7 @@ def logged_config(run_id: str, tracking_uri: str,
     where composing ``conf/`` is not possible)."""
     from mlflow.exceptions import MlflowException
 
-    from sweeper.tracking import is_trial, open_store
+    from sweeper.tracking import download_artifact, is_trial, open_store
 
     client = open_store(tracking_uri, "--tracking-uri")
     try:
@@ -55,7 +55,7 @@ def logged_config(run_id: str, tracking_uri: str,
                         "parent run).")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(run_id, "config.yaml", tmp)
+            path = download_artifact(client, run_id, "config.yaml", tmp)
         except (MlflowException, OSError):
             raise UserError(f"Run {run_id} has no config.yaml artifact: it is not a sweeper "
                             "trial (or its artifacts were deleted).") from None

@@ -191,6 +191,21 @@ def _sqlite_wal(connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def download_artifact(client: MlflowClient, run_id: str, path: str, dst: str) -> str:
+    """A run's artifact ``path`` downloaded into ``dst`` (its local path), without MLflow's
+    progress bar: a line of its own in the middle of a command's output, for a file or two. A
+    user's own ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` is kept."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BAR
+
+    if BAR.is_set():
+        return client.download_artifacts(run_id, path, dst)
+    os.environ[BAR.name] = "false"
+    try:
+        return client.download_artifacts(run_id, path, dst)
+    finally:
+        os.environ.pop(BAR.name, None)
+
+
 def open_store(uri: str, key: str = "tracking.uri") -> MlflowClient:
     """A client of the MLflow tracking store at ``uri`` (made absolute), checked once per
     process: a new SQLite store is created under a file lock beside it, so that sweeps started

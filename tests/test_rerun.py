@@ -14,12 +14,14 @@ from sweeper.rerun import apply_overrides, main, rerun
 from sweeper.trial import run_trial
 
 
-def test_rerun_reproduces_val_acc_exactly(make_cfg, outputs, mlflow_client):
+def test_rerun_reproduces_val_acc_exactly(make_cfg, outputs, mlflow_client, capfd):
     cfg = make_cfg("dataset=digits", "dataset.train_per_class=10", "dataset.val_per_class=10",
                    "dataset.test_per_class=5", "trainer.epochs=2", "trainer.deterministic=true",
                    "freeze.unfrozen=4")
     original = run_trial(cfg)
+    capfd.readouterr()
     again = rerun(original["run_id"], f"sqlite:///{outputs}/mlflow.db")
+    assert "Downloading artifacts" not in capfd.readouterr().err  # no progress bar for a file
     assert again["val_acc"] == original["val_acc"]
     assert again["test_acc"] == original["test_acc"]
     new = mlflow_client.get_run(again["run_id"])

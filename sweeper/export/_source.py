@@ -23,7 +23,7 @@ from sweeper import data as data_mod
 from sweeper.errors import UserError
 from sweeper.model import FreezeNet
 from sweeper.states import FORMATS, StateMismatch, StateStore
-from sweeper.tracking import Tag, Tracker
+from sweeper.tracking import Tag, Tracker, download_artifact
 
 log = logging.getLogger("sweeper.export")
 
@@ -58,7 +58,7 @@ def _artifact(tracker: Tracker, run_id: str, folder: Path) -> tuple[StateStore, 
     for name in (f"{ARTIFACT}/{run_id}{suffix}" for suffix in FORMATS):
         if name in present:
             try:
-                path = tracker.client.download_artifacts(run_id, name, str(folder))
+                path = download_artifact(tracker.client, run_id, name, str(folder))
             except (MlflowException, OSError):
                 return None
             return StateStore(Path(path).parent), name
