@@ -125,6 +125,24 @@ def test_resume_refuses_other_settings(cli, outputs):
     assert len(load_study(outputs).trials) == 1
 
 
+
+def test_resume_refuses_another_sampler(cli, outputs):
+    """A study resumes with the sampler it was started with: the grid sampler would finish a
+    default study as a grid study (and the depth sampler repeat a grid study's settings)."""
+    assert cli("hydra.mode=MULTIRUN", "hydra.sweeper.n_trials=1").returncode == 0
+    r = cli("hydra.mode=MULTIRUN", "hydra/sweeper/sampler=grid")
+    assert r.returncode != 0
+    assert (f"Study '{STUDY}' was started with hydra/sweeper/sampler=depth; this sweep has "
+            "hydra/sweeper/sampler=grid.") in r.stderr
+    assert f"hydra.sweeper.study_name={STUDY}-grid" in r.stderr
+    assert len(load_study(outputs).trials) == 1
+    # a study recorded before the sampler was (no user attr "sampler") resumes as it did
+    study = load_study(outputs)
+    study._storage.set_study_user_attr(study._study_id, "sampler", None)
+    r = cli("hydra.mode=MULTIRUN", "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(load_study(outputs).trials) == 2
+
 def test_grid_runs_every_depth(cli, outputs, mlflow_client):
     r = cli("hydra.mode=MULTIRUN", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=3")
     assert r.returncode == 0, r.stderr[-3000:]

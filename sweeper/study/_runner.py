@@ -49,7 +49,7 @@ from sweeper.study._mlflow import (
     summarize,
 )
 from sweeper.study._progress import Progress
-from sweeper.study._schema import check_settings
+from sweeper.study._schema import check_settings, sampler_label, sampler_target
 from sweeper.study._settings import (
     apply_overrides,
     default_settings,
@@ -143,26 +143,7 @@ class StudyRunner:
             study = optuna.create_study(study_name=self.name, storage=self.storage,
                                         directions=directions, load_if_exists=True,
                                         pruner=make_pruner(self.s.get("pruner")))
-            got = [d.name.lower() for d in study.directions]
-            if got != directions:
-                raise UserError(
-                    f"Study {self.name!r} in {self.storage_label} has directions {got}, not "
-                    f"{directions} ({', '.join(self.names)}). Give this search another "
-                    "hydra.sweeper.study_name, or use the objectives it was started with.")
-            if study.metric_names is None:
-                study.set_metric_names(self.names)
-            elif list(study.metric_names) != self.names:
-                raise UserError(f"Study {self.name!r} measures {study.metric_names}, not "
-                                f"{self.names}: give this search another hydra.sweeper.study_name.")
-            started_with = study.user_attrs.get("task_overrides")
-            if started_with is None:
-                study.set_user_attr("task_overrides", self.arguments)
-            elif sorted(started_with) != sorted(self.arguments):
-                raise UserError(
-                    f"Study {self.name!r} was started with the overrides {started_with}; this "
-                    f"sweep has {self.arguments}. Trials of different settings do not belong in "
-                    "one study: repeat the original overrides to resume it, or name a new study "
-                    "with hydra.sweeper.study_name=...")
+            self._refuse_other_settings(study)
             self.study_id = study_id = self.storage.get_study_id_from_name(self.name)
             joins = int(self.storage.get_study_system_attrs(study_id).get("sweeper:joins", 0))
             self.storage.set_study_system_attr(study_id, "sweeper:joins", joins + 1)
@@ -172,6 +153,43 @@ class StudyRunner:
                                          search=self.search)
             self.parent = self._parent(study)
         return study
+
+    def _refuse_other_settings(self, study: optuna.Study) -> None:
+        """Refuse a sweep whose settings differ from those the study's trials were started
+        with (the task overrides, the sampler, the objectives), naming each; record them in a
+        new study. A study from before the sampler was recorded resumes with any sampler, as
+        it did. Call under the study lock."""
+        got = [d.name.lower() for d in study.directions]
+        names = list(study.metric_names) if study.metric_names is not None else self.names
+        sampler = sampler_target(self.s.get("sampler"))
+        overrides = study.user_attrs.get("task_overrides")
+        recorded = study.user_attrs.get("sampler") if overrides is not None else None
+        started, this = [], []
+        if overrides is not None and sorted(overrides) != sorted(self.arguments):
+            started.append(f"the overrides {overrides}")
+            this.append(f"{self.arguments}")
+        if recorded is not None and recorded != sampler:
+            started.append(sampler_label(recorded))
+            this.append(sampler_label(sampler))
+        if got != list(self.objectives.values()) or names != self.names:
+            started.append("the objectives " + ", ".join(
+                f"{n}:{d}" for n, d in zip(names, got, strict=False)))
+            this.append("the objectives " + ", ".join(f"{k}:{v}"
+                                                      for k, v in self.objectives.items()))
+        if started:
+            choice = sampler_label(sampler).partition("hydra/sweeper/sampler=")[2]
+            name = (f"{self.name}-{choice}" if choice and recorded not in (None, sampler)
+                    else "...")
+            raise UserError(
+                f"Study {self.name!r} was started with {' and '.join(started)}; this sweep has "
+                f"{' and '.join(this)}. Trials of different settings do not belong in one "
+                "study: repeat the original settings to resume it, or name a new study with "
+                f"hydra.sweeper.study_name={name}")
+        if overrides is None:  # a new study (or one no sweep of this project started)
+            study.set_user_attr("task_overrides", self.arguments)
+            study.set_user_attr("sampler", sampler)
+        if study.metric_names is None:
+            study.set_metric_names(self.names)
 
     @property
     def storage_label(self) -> str:

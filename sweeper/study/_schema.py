@@ -70,6 +70,29 @@ def _packaged(relative: str) -> DictConfig:
     return OmegaConf.load(SWEEPER_CONF / relative)
 
 
+def sampler_target(sampler: Any) -> str:
+    """The ``_target_`` of a ``hydra.sweeper.sampler`` node (Optuna's TPE when it is null):
+    what a study records, and compares, as the sampler it was started with."""
+    target = sampler.get("_target_") if sampler is not None else None
+    return str(target) if target is not None else "optuna.samplers.TPESampler"
+
+
+@cache
+def _sampler_choices() -> dict[str, str]:
+    """The packaged sampler files by their ``_target_``: ``{target: choice}``."""
+    found: dict[str, str] = {}
+    for path in sorted((SWEEPER_CONF / "sampler").glob("*.yaml")):
+        found.setdefault(str(OmegaConf.load(path).get("_target_")), path.stem)
+    return found
+
+
+def sampler_label(target: str) -> str:
+    """A sampler's ``_target_`` as the user picks it: ``hydra/sweeper/sampler=grid``."""
+    choice = _sampler_choices().get(target)
+    return (f"hydra/sweeper/sampler={choice}" if choice is not None
+            else f"hydra.sweeper.sampler._target_={target}")
+
+
 @cache
 def known_keys() -> tuple[str, ...]:
     """The settings a ``hydra.sweeper`` node may hold: the keys of the packaged
