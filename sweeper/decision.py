@@ -23,7 +23,9 @@ searched value) and in their *repeat key* (``trainer.seed``, ``dataset.split_see
 6. **Recommendation.** The cheapest arm that is within: fewer unfrozen units is cheaper (every
    unfrozen unit adds its forward and backward pass to every step; the report's arms over
    freeze strategies cost the mean number of units that train per step). The answer is *settled*
-   when every cheaper arm is worse; otherwise the undecided ones are named with the repeats
+   when every cheaper arm is worse, and at least one cheaper arm was measured unless the
+   recommendation is the cheapest arm there is (a study of one depth compares nothing cheaper);
+   otherwise the undecided ones are named with the repeats
    that would settle each: the smallest ``n`` with ``t(n-1) * s / sqrt(n)`` below the distance of
    the mean difference from ``-tolerance`` (``s``: the standard deviation of the paired
    differences, or pooled over the arms that have one).
@@ -115,6 +117,8 @@ class Decision:
     recommended: Hashable | None = None
     settled: bool = False
     undecided: list[Hashable] = field(default_factory=list)  # cheaper than recommended
+    # Cheaper arms exist (``cheapest`` was not measured) but none was: nothing was compared
+    uncompared: bool = False
 
     def summary(self, arm: Hashable) -> ArmSummary:
         return self.arms[arm]
@@ -206,9 +210,11 @@ def _setting_of(trials: list[Measurement], search_key: Key | None) -> Setting | 
 
 def decide(measurements: Iterable[Measurement], tolerance: float = 1.0,
            confidence: float = 0.95, cost: Callable[[Hashable], Any] = lambda arm: arm,
-           arms: Iterable[Hashable] = ()) -> Decision:
+           arms: Iterable[Hashable] = (), cheapest: Hashable | None = None) -> Decision:
     """Apply the rule (module docstring) to ``measurements``; ``cost`` orders the arms (default:
-    the arm itself, the number of unfrozen units); ``arms`` adds arms without measurements."""
+    the arm itself, the number of unfrozen units); ``arms`` adds arms without measurements.
+    ``cheapest`` is the cheapest arm there is (depth 0): a recommendation that is not it, with
+    no cheaper arm measured, compared nothing cheaper and is not settled (``uncompared``)."""
     ms = sorted(measurements, key=lambda m: m.order)
     search_key = ms[0].key if ms else None
     by_arm: dict[Hashable, list[Measurement]] = {a: [] for a in arms}
@@ -256,7 +262,9 @@ def decide(measurements: Iterable[Measurement], tolerance: float = 1.0,
     decision.recommended = pick.arm
     cheaper = [summaries[a] for a in order[:order.index(pick.arm)]]
     decision.undecided = [s.arm for s in cheaper if s.status in (UNDECIDED, UNMEASURED)]
-    decision.settled = not decision.undecided
+    decision.uncompared = (cheapest is not None and pick.arm != cheapest
+                           and not any(s.n for s in cheaper))
+    decision.settled = not decision.undecided and not decision.uncompared
     return decision
 
 

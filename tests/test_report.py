@@ -133,3 +133,51 @@ def test_report_errors_are_one_message(outputs):
         assert message in done.stderr
         for hydra_line in ("Traceback", "Error executing job", "HYDRA_FULL_ERROR"):
             assert hydra_line not in done.stderr, done.stderr
+
+
+def _frame(rows):
+    """A study's trial frame (as ``trial_frame`` makes it) of (strategy, unfrozen, units, val_acc)
+    rows: one trial each, all on seed and split 0 at the same learning rates."""
+    import pandas as pd
+
+    from sweeper.tracking import State
+
+    return pd.DataFrame([{
+        "trial": n, "run_id": f"run{n}", "state": State.COMPLETE, "strategy": strategy,
+        "unfrozen": unfrozen, "num_units": 9, "schedule": strategy, "units": units,
+        "lr_head": 0.05, "lr_backbone": 0.005, "seed": 0, "split_seed": 0,
+        "setting": (("optim.lr_head", 0.05),), "val_acc": acc, "test_acc": float("nan"),
+        "train_time_s": 1.0 + units, "trainable_params": 100.0, "val_images": 100.0,
+        "command": "", "order": n,
+    } for n, (strategy, unfrozen, units, acc) in enumerate(rows)])
+
+
+def _answer(rows):
+    from sweeper.report._study import _notes, decide_study, depth_table, recommend
+
+    trials = _frame(rows)
+    decision = decide_study(trials)
+    rec, text = recommend(depth_table(trials, decision), decision)
+    return decision, rec, text, " ".join(_notes(trials, decision))
+
+
+def test_an_answer_that_compared_nothing_cheaper_is_not_settled():
+    # hparams_search=learning_rates freeze.unfrozen=3: depths 0-2 never measured
+    decision, rec, text, notes = _answer([("depth", 3, 3, 0.6), ("depth", 3, 3, 0.5)])
+    assert not decision.settled and not rec["settled"]
+    assert "settled: no cheaper" not in text
+    assert "The study measured only depth 3, so it compares nothing cheaper" in text
+    assert "Depths without a complete trial: [0, 1, 2, 4, 5, 6, 7, 8, 9]." in notes
+    # a study that measured depth 0 (the cheapest there is) and found it worse is settled
+    decision, rec, text, _ = _answer([("depth", 0, 0, 0.2), ("depth", 3, 3, 0.9)])
+    assert decision.settled and "The answer is settled" in text
+
+
+def test_strategies_report_counts_every_strategy_s_depths():
+    # hparams_search=strategies, one trial per arm: none cheaper than the recommended one
+    decision, rec, text, notes = _answer([
+        ("depth", 2, 2, 0.9), ("progressive", 5, 4, 0.5), ("gradual", 6, 3, 0.5)])
+    assert not decision.settled and "settled: no cheaper" not in text
+    assert ("The study measured only depth 2, freeze=gradual unfrozen=6, freeze=progressive "
+            "unfrozen=5, so it compares nothing cheaper") in text
+    assert "Depths without a complete trial: [0, 1, 3, 4, 7, 8, 9]." in notes

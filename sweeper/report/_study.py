@@ -247,7 +247,7 @@ def decide_study(trials: pd.DataFrame, tolerance: float = 1.0,
             (trials.strategy == strategy) & (trials.unfrozen == depth)]
         cost[arm] = (round(float(mine.units.median()), 9), _RANK.get(strategy, len(_RANK)),
                      depth)
-    return decide(ms, tolerance, confidence, cost=cost.__getitem__)
+    return decide(ms, tolerance, confidence, cost=cost.__getitem__, cheapest=(DEPTH, 0))
 
 
 def depth_table(trials: pd.DataFrame, decision: Decision) -> pd.DataFrame:
@@ -354,7 +354,17 @@ def recommend(table: pd.DataFrame, decision: Decision) -> tuple[dict | None, str
                  f"{tol:g} point{'s' if tol != 1 else ''} below the best: " + ", ".join(
                      (str(int(r["unfrozen"])) if what == "depths" else _label(_arm(r)))
                      + f" ({_pts(r['diff'])})" for r in worse) + ". ")
-    if decision.settled:
+    if decision.uncompared:
+        measured = [a for a, s in decision.arms.items() if s.n]
+        if what == "depths":
+            names = ("depth" + ("s " if len(measured) > 1 else " ")
+                     + ", ".join(str(a[1]) for a in measured))
+        else:
+            names = ", ".join(_label(a) for a in measured)
+        text += (f"The study measured only {names}, so it compares nothing cheaper: the answer "
+                 f"is not settled (the default study, hydra/sweeper/sampler=depth, measures "
+                 f"every depth).")
+    elif decision.settled:
         text += f"The answer is settled: no cheaper {what[:-1]} is undecided."
     else:
         text += undecided_text(decision, rows)
@@ -568,8 +578,9 @@ def _notes(trials: pd.DataFrame, decision: Decision) -> list[str]:
     notes = []
     num_units = int(trials.num_units.max())
     measured = {d for (strategy, d), s in decision.arms.items() if s.n and strategy == DEPTH}
-    unmeasured = sorted(set(range(num_units + 1)) - measured)
-    if unmeasured and (trials.strategy == DEPTH).any():
+    unmeasured = sorted(set(range(num_units + 1))
+                        - {d for (_, d), s in decision.arms.items() if s.n})
+    if unmeasured:  # a trial of any strategy measures its depth (unfrozen)
         notes.append(f"Depths without a complete trial: {unmeasured}.")
     if num_units not in measured:
         notes.append(("Full fine-tuning (freeze=depth, unfrozen=num_units)" if _mixed(trials)
