@@ -181,3 +181,21 @@ def test_strategies_report_counts_every_strategy_s_depths():
     assert ("The study measured only depth 2, freeze=gradual unfrozen=6, freeze=progressive "
             "unfrozen=5, so it compares nothing cheaper") in text
     assert "Depths without a complete trial: [0, 1, 3, 4, 7, 8, 9]." in notes
+
+
+def test_advice_for_an_unsettled_grid_study_is_not_more_trials_of_it():
+    from sweeper.report._study import decide_study, depth_table, recommend
+
+    trials = _frame([("depth", 0, 0, 0.85), ("depth", 9, 9, 0.86)])  # one trial per depth
+    decision = decide_study(trials)
+    table = depth_table(trials, decision)
+    assert not decision.settled
+    _, text = recommend(table, decision, "GridSampler(seed=0)", "freeze-resnet18-fake")
+    assert "Raise hydra.sweeper.n_trials" not in text
+    assert ("The grid sampler runs every combination once, so raising hydra.sweeper.n_trials "
+            "adds no trial: for a firmer answer run the default study "
+            "(hydra/sweeper/sampler=depth)") in text
+    assert "hydra.sweeper.study_name=freeze-resnet18-fake-depth" in text
+    _, text = recommend(table, decision, "DepthSampler(seed=0)", "freeze-resnet18-fake")
+    assert text.endswith("Raise hydra.sweeper.n_trials and run the same command again: the "
+                         "study resumes.")

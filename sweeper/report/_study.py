@@ -317,9 +317,11 @@ def _arm(row: dict[str, Any]) -> tuple[str, int]:
     return row["strategy"], int(row["unfrozen"])
 
 
-def recommend(table: pd.DataFrame, decision: Decision) -> tuple[dict | None, str]:
+def recommend(table: pd.DataFrame, decision: Decision, sampler: str | None = None,
+              study: str | None = None) -> tuple[dict | None, str]:
     """The recommended arm's row (its strategy and depth) with the answer's numbers, and the
-    plain-words why."""
+    plain-words why; ``sampler`` (the parent run's ``sampler`` param) and ``study`` (its name)
+    fit the advice for an unsettled answer to the study (:func:`undecided_text`)."""
     if decision.recommended is None or table.empty or "status" not in table:
         return None, "No trial completed, so there is nothing to recommend yet."
     rows = {_arm(r): r.to_dict() for _, r in table.iterrows() if isinstance(r.status, str)}
@@ -367,14 +369,16 @@ def recommend(table: pd.DataFrame, decision: Decision) -> tuple[dict | None, str
     elif decision.settled:
         text += f"The answer is settled: no cheaper {what[:-1]} is undecided."
     else:
-        text += undecided_text(decision, rows)
+        text += undecided_text(decision, rows, sampler=sampler, study=study)
     return {**pick, "settled": decision.settled}, text
 
 
 def undecided_text(decision: Decision, rows: dict[tuple[str, int], dict[str, Any]],
-                   detail: int = 3) -> str:
+                   detail: int = 3, sampler: str | None = None, study: str | None = None) -> str:
     """What the data cannot tell apart yet, and how many more repeats would settle it (the
-    ``detail`` cheapest undecided arms in words, the rest by name)."""
+    ``detail`` cheapest undecided arms in words, the rest by name), and what would: more
+    trials of the same study, or, for a grid study (its size is fixed: more ``n_trials`` run
+    nothing), the default study, which repeats the depths in contention, under its own name."""
     tol, conf = decision.tolerance, decision.confidence
     points = f"{tol:g} point{'s' if tol != 1 else ''}"
     what = "depth" if all(a[0] == DEPTH for a in decision.arms) else "configuration"
@@ -401,8 +405,20 @@ def undecided_text(decision: Decision, rows: dict[tuple[str, int], dict[str, Any
     if rest:
         parts.append("also " + ", ".join(map(short, rest)) + " (see the table)")
     return (f"The data cannot yet tell whether every cheaper {what} is within {points} of the "
-            f"best ({conf:.0%} confidence): " + "; ".join(parts) + ". Raise "
-            "hydra.sweeper.n_trials and run the same command again: the study resumes.")
+            f"best ({conf:.0%} confidence): " + "; ".join(parts) + ". " + _firmer(sampler, study))
+
+
+def _firmer(sampler: str | None, study: str | None) -> str:
+    """What gives a firmer answer than the study's: more of its trials, unless its sampler's
+    size is fixed (the grid's: every combination once)."""
+    if sampler is not None and sampler.startswith("GridSampler"):
+        name = f"{study}-depth" if study else "..."
+        return ("The grid sampler runs every combination once, so raising "
+                "hydra.sweeper.n_trials adds no trial: for a firmer answer run the default "
+                "study (hydra/sweeper/sampler=depth), which repeats the depths in contention "
+                f"with new seeds and data splits, as a study of its own "
+                f"(hydra.sweeper.study_name={name}).")
+    return "Raise hydra.sweeper.n_trials and run the same command again: the study resumes."
 
 
 def _load_study(parent, storage: str | None = None) -> Any:
@@ -553,7 +569,8 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
                          "recommended configuration, the reference and the study's Pareto set "
                          "(`sweeper.report.tested_runs`): the test set is for the final answer, "
                          "not for choosing a depth. The other rows show none.")
-    recommended, explanation = recommend(table, decision)
+    recommended, explanation = recommend(table, decision, parent.data.params.get("sampler"),
+                                         name)
     if optuna_study is None:
         optuna_study = _load_study(parent, storage)
     if optuna_study is None:
