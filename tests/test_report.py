@@ -199,3 +199,19 @@ def test_advice_for_an_unsettled_grid_study_is_not_more_trials_of_it():
     _, text = recommend(table, decision, "DepthSampler(seed=0)", "freeze-resnet18-fake")
     assert text.endswith("Raise hydra.sweeper.n_trials and run the same command again: the "
                          "study resumes.")
+
+
+def test_a_study_name_not_found_lists_the_studies_there(make_cfg):
+    """report study=NAME for a name the store lacks names the studies it has."""
+    import pytest
+
+    from sweeper.errors import UserError
+    from sweeper.report._study import find_parent
+
+    cfg = make_cfg()
+    tracker = Tracker(cfg.tracking)
+    for name in ("freeze-a", "freeze-b"):
+        tracker.start(name, tags={"sweeper.kind": "study", "optuna.study_name": name}).end()
+    with pytest.raises(UserError, match=r"No study named 'nosuch' .* Its studies: freeze-a, "
+                                        r"freeze-b \(study=NAME\)\."):
+        find_parent(tracker, study="nosuch")

@@ -89,8 +89,13 @@ def find_parent(tracker: Tracker, study: str | None = None, parent_run: str | No
                               max_results=1)
     if not runs:
         what = f"named {study!r}" if study else "at all"
+        others = sorted({r.data.tags.get(Tag.STUDY) for r in client.search_runs(
+            [tracker.experiment_id], f"tags.`{Tag.KIND}` = '{Kind.STUDY}'", max_results=200)}
+            - {None}) if study else []
+        hint = (f"Its studies: {', '.join(others)} (study=NAME)." if others
+                else "Run one first:  python -m sweeper.run -m")
         raise UserError(f"No study {what} in MLflow experiment {tracker.experiment_id} at "
-                        f"{tracker.uri}. Run one first:  python -m sweeper.run -m")
+                        f"{tracker.uri}. {hint}")
     return runs[0]
 
 
@@ -335,8 +340,9 @@ def recommend(table: pd.DataFrame, decision: Decision, sampler: str | None = Non
         text = f"Use freeze={strategy} ({pick['schedule']}; {_lrs(pick)})"
     text += (f": validation accuracy {_interval(pick, conf)}, {pick['train_time_s']:.1f} s of "
              "training")
-    if not math.isnan(pick.get("speedup_vs_full", math.nan)):
-        text += f" ({pick['speedup_vs_full']:.1f}x faster than fine-tuning every unit)"
+    speedup = pick.get("speedup_vs_full", math.nan)
+    if not math.isnan(speedup) and round(speedup, 1) != 1.0:  # not full fine-tuning itself
+        text += f" ({speedup:.1f}x faster than fine-tuning every unit)"
     text += ". "
     if decision.recommended == decision.reference:
         text += f"It has the best mean validation accuracy of all {what}. "

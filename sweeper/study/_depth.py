@@ -109,7 +109,8 @@ def with_repeats(space: Space, repeat_keys: Sequence[str], depth: Any) -> Space:
         raise UserError("The depth sampler compares the depths of one freeze strategy; to search "
                         "the strategy too (freeze=depth,progressive,gradual), run "
                         "hparams_search=strategies (TPE over the strategies and their "
-                        "parameters) or add hydra/sweeper/sampler=grid (every combination). "
+                        "parameters) or add hydra/sweeper/sampler=grid (every combination; with "
+                        "hydra.sweeper.study_name=NAME, a study of its own). "
                         "The report puts each "
                         "(strategy, depth) on its own row either way.")
     if DEPTH not in out.sampled:
