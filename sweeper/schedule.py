@@ -60,6 +60,7 @@ class Schedule:
     off: tuple[int, ...]
     ramp_from: float = 1.0  # a unit unfrozen mid-run starts at this share of its rate ...
     ramp_steps: int = 0  # ... and reaches all of it after this many steps
+    warmup_steps: int = 0  # every rate rises linearly from 1/warmup_steps of it over these first steps
 
     def __post_init__(self) -> None:
         for step in sorted({0, *self.on, *self.off} - {self.steps}):
@@ -91,9 +92,15 @@ class Schedule:
         """What the rate of ``unit``'s optimizer group (``None``: the head) is multiplied by at
         ``step``: ``optim.schedule``'s shape (cosine to zero at the end, or constant), a unit
         that freezes before the end cosine-annealed to zero at its freeze step instead, a
-        newly unfrozen unit warmed up."""
+        newly unfrozen unit warmed up; every rate warmed up linearly over the first
+        ``warmup_steps`` steps (``optim.warmup_epochs``)."""
         if unit is not None and not self.on[unit] <= step < self.off[unit]:
             return 0.0  # frozen at this step
+        if step < self.warmup_steps:
+            return self._factor(unit, step) * (step + 1) / self.warmup_steps
+        return self._factor(unit, step)
+
+    def _factor(self, unit: int | None, step: int) -> float:
         if unit is not None and self.off[unit] < self.steps:
             return 0.5 * (1.0 + math.cos(math.pi * step / self.off[unit]))
         shape = 1.0 if self.lr_shape == "constant" else 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
@@ -202,12 +209,14 @@ def build(freeze: DictConfig, optim: DictConfig, num_units: int, steps_per_epoch
         # step in); at the end of training means: it never freezes.
         stops = [min(steps, max(1, math.ceil(f * steps - 1e-9))) for f in fractions]
         on, off = never + [0] * unfrozen, [steps] * first + stops
-        return Schedule(strategy, num_units, steps, steps_per_epoch, lr_shape, tuple(on), tuple(off))
+        return Schedule(strategy, num_units, steps, steps_per_epoch, lr_shape, tuple(on), tuple(off),
+                        warmup_steps=warmup_steps(optim, steps_per_epoch))
     head, every, each = int(freeze.head_epochs), int(freeze.every), int(freeze.units_each)
     from_top = [min(epochs, head + every * (r // each)) * steps_per_epoch for r in range(unfrozen)]
     on = never + from_top[::-1]
     return Schedule(strategy, num_units, steps, steps_per_epoch, lr_shape, tuple(on),
-                    (steps,) * num_units, float(freeze.new_lr_scale), every * steps_per_epoch)
+                    (steps,) * num_units, float(freeze.new_lr_scale), every * steps_per_epoch,
+                    warmup_steps(optim, steps_per_epoch))
 
 
 def trained_units(freeze: DictConfig, optim: DictConfig, num_units: int, epochs: int) -> int:
@@ -223,7 +232,27 @@ def depth_schedule(num_units: int, unfrozen: int, optim: DictConfig, steps_per_e
     steps = steps_per_epoch * epochs
     on = [steps] * (num_units - unfrozen) + [0] * unfrozen
     return Schedule("depth", num_units, steps, steps_per_epoch, _lr_shape(optim), tuple(on),
-                    (steps,) * num_units)
+                    (steps,) * num_units, warmup_steps=warmup_steps(optim, steps_per_epoch))
+
+
+def check_warmup(optim: DictConfig) -> float:
+    """``optim.warmup_epochs``, checked (configs from before it have none: 0, no warm-up)."""
+    warmup = optim.get("warmup_epochs", 0)
+    try:
+        warmup = -1.0 if isinstance(warmup, bool) else float(warmup)
+    except (TypeError, ValueError):
+        warmup = -1.0
+    if not warmup >= 0.0:
+        raise UserError(f"optim.warmup_epochs={optim.get('warmup_epochs')} must be a number >= 0 "
+                        "(0: no warm-up; 0.5: every learning rate rises linearly to its value over "
+                        "the first half epoch).")
+    return warmup
+
+
+def warmup_steps(optim: DictConfig, steps_per_epoch: int) -> int:
+    """The optimizer steps of ``optim.warmup_epochs``'s linear warm-up (at least one when set)."""
+    warmup = check_warmup(optim)
+    return max(1, round(warmup * steps_per_epoch)) if warmup > 0 else 0
 
 
 def _lr_shape(optim: DictConfig) -> str:

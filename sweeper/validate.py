@@ -34,7 +34,7 @@ from sweeper.device import resolve_device
 from sweeper.errors import UserError
 from sweeper.feeds import CACHE_DTYPES, CACHE_MODES, check_cache
 from sweeper.model import check_backbone, check_input
-from sweeper.pretrain import names_a_file
+from sweeper.pretrain import names_a_file, recipe_of
 from sweeper.tracking import check_store
 
 _ABSENT = object()
@@ -143,6 +143,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule("lr_backbone", "float", low=0, hint="the trained backbone units' learning rate"),
         Rule("weight_decay", "float", low=0),
         Rule("schedule", "choice", choices=schedule.LR_SHAPES),
+        Rule("warmup_epochs", "float", low=0, hint="epochs of linear learning-rate warm-up; "
+                                                   "0: none"),
     ),
     "trainer": (
         Rule("epochs", "int", low=1),
@@ -365,6 +367,7 @@ def _check_source(cfg: DictConfig) -> None:
         check_rules(cfg, group, "source.")
     _check_dataset(cfg.source.dataset, "source.")
     resolve_device(str(cfg.source.trainer.device))
+    recipe_of(cfg.backbone)  # backbone.pretrain: how the backbone is pretrained on it
 
 
 def check_config(cfg: DictConfig, *, store: bool = True) -> None:
