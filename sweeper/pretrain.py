@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -26,13 +27,14 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweeper import data as data_mod
 from sweeper import timing
 from sweeper.device import place_model, resolve_device
 from sweeper.errors import UserError, cannot_write, interruption
 from sweeper.model import StateDict, build, from_file, identity, named_weights, weights_from_file
+from sweeper.schedule import check_warmup
 from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
 from sweeper.train import evaluate, fit
 
@@ -83,7 +85,46 @@ def checkpoint_key(cfg: DictConfig) -> dict:
     # of the key: the same pretraining keeps its checkpoint.
     if source["optim"].get("layer_decay") == 1.0:
         source["optim"].pop("layer_decay")
-    return {"backbone": identity(cfg.backbone), "source": source}
+    key = {"backbone": identity(cfg.backbone), "source": source}
+    recipe = recipe_of(cfg.backbone)
+    if recipe:  # a backbone without a recipe of its own keeps its checkpoint
+        key["pretrain"] = recipe
+    return key
+
+
+RECIPE = {"warmup_epochs": 0.0, "zero_init_residual": False}  # the settings of backbone.pretrain
+
+
+def recipe_of(backbone: DictConfig) -> dict:
+    """``backbone.pretrain``: how this network is pretrained from scratch on the source task,
+    beyond ``source.optim`` (settings at their neutral value left out).
+
+    - ``warmup_epochs``: the learning rate rises linearly over the first epochs' steps before
+      the cosine decay (Goyal et al. 2017): a deep network from scratch at ``source.optim``'s
+      rate diverges in its first steps without it;
+    - ``zero_init_residual``: torchvision's own option for its ResNets, the last BatchNorm of
+      each residual block starts at zero, so each block starts as the identity.
+    """
+    given = backbone.get("pretrain")
+    given = OmegaConf.to_container(given, resolve=True) if given else {}
+    unknown = [k for k in given if k not in RECIPE]
+    if unknown:
+        raise UserError(f"backbone.pretrain.{unknown[0]} is not a setting of the source pretraining "
+                        f"(its settings: {', '.join(RECIPE)}).")
+    check_warmup(OmegaConf.create(given))
+    return {k: v for k, v in given.items() if v != RECIPE[k]}
+
+
+def zero_init_residual(network: torch.nn.Module) -> int:
+    """What torchvision's ``zero_init_residual=True`` does to its ResNets: the last BatchNorm of
+    every residual block (``bn3`` of a Bottleneck, ``bn2`` of a BasicBlock) gets zero scale.
+    Returns the number of blocks; 0 for a network that has none."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    blocks = [m for m in network.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    for block in blocks:
+        torch.nn.init.zeros_(block.bn3.weight if isinstance(block, Bottleneck) else block.bn2.weight)
+    return len(blocks)
 
 
 def checkpoint_path(cfg: DictConfig) -> Path:
@@ -140,8 +181,16 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
         torch.manual_seed(int(src.trainer.seed))
         data = data_mod.load(src.dataset)
         model, tv_model = build(cfg.backbone, len(data.classes), int(cfg.backbone.num_units), None)
+        recipe = recipe_of(cfg.backbone)
+        if recipe.get("zero_init_residual"):
+            zero_init_residual(tv_model)
+        optim = src.optim
+        if recipe.get("warmup_epochs"):
+            optim = copy.deepcopy(src.optim)
+            with open_dict(optim):
+                optim.warmup_epochs = recipe["warmup_epochs"]
         place_model(model, device)
-        result = fit(model, data, src.trainer, src.optim, device,
+        result = fit(model, data, src.trainer, optim, device,
                      on_epoch=lambda s: run.metrics(s.metrics(), step=s.epoch))
         test_acc = evaluate(model, data.test, data.normalize.to(device), device,
                             int(src.trainer.batch_size), bool(src.trainer.amp))

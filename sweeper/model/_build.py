@@ -45,7 +45,7 @@ from sweeper.model._weights import StateDict, from_file, from_timm, from_torchvi
 
 log = logging.getLogger(__name__)
 
-COMMON = ("name", "kind", "num_units", "weights", "kwargs")
+COMMON = ("name", "kind", "num_units", "weights", "kwargs", "pretrain")
 KINDS: dict[str, tuple[str, ...]] = {
     "torchvision": ("arch",),
     "timm": ("arch",),
