@@ -105,7 +105,7 @@ def test_importances_too_rough_for_a_parameter_say_so_on_the_plot_not_as_a_warni
 
     import optuna
 
-    from sweeper.report._plots import _importances
+    from sweeper.report import importances
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize",
@@ -115,8 +115,8 @@ def test_importances_too_rough_for_a_parameter_say_so_on_the_plot_not_as_a_warni
                    n_trials=6)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        importances, rough = _importances(study)
-    assert set(importances) == {"lr_head", "lr_backbone"}
+        found, rough = importances(study)
+    assert set(found) == {"lr_head", "lr_backbone"}
     assert rough == ["lr_backbone"]
     assert not [w for w in said if "regimes" in str(w.message)]
 
@@ -153,12 +153,12 @@ def _frame(rows):
 
 
 def _answer(rows):
-    from sweeper.report._study import _notes, decide_study, depth_table, recommend
+    from sweeper.report import decide_study, depth_table, recommend, study_notes
 
     trials = _frame(rows)
     decision = decide_study(trials)
     rec, text = recommend(depth_table(trials, decision), decision)
-    return decision, rec, text, " ".join(_notes(trials, decision))
+    return decision, rec, text, " ".join(study_notes(trials, decision))
 
 
 def test_an_answer_that_compared_nothing_cheaper_is_not_settled():
@@ -184,7 +184,7 @@ def test_strategies_report_counts_every_strategy_s_depths():
 
 
 def test_advice_for_an_unsettled_grid_study_is_not_more_trials_of_it():
-    from sweeper.report._study import decide_study, depth_table, recommend
+    from sweeper.report import decide_study, depth_table, recommend
 
     trials = _frame([("depth", 0, 0, 0.85), ("depth", 9, 9, 0.86)])  # one trial per depth
     decision = decide_study(trials)
@@ -206,7 +206,7 @@ def test_a_study_name_not_found_lists_the_studies_there(make_cfg):
     import pytest
 
     from sweeper.errors import UserError
-    from sweeper.report._study import find_parent
+    from sweeper.report import find_parent
 
     cfg = make_cfg()
     tracker = Tracker(cfg.tracking)

@@ -38,12 +38,12 @@ def _rerun(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_rerun_of_a_study_parent_run_is_refused(make_cfg, outputs, mlflow_client):
-    from sweeper.study._mlflow import start_parent
     from sweeper.tracking import Tracker
 
-    cfg = make_cfg()
-    parent = start_parent(Tracker(cfg.tracking), "s1", "sqlite:///optuna.db",
-                          {"hydra.sweeper.n_trials": 2}, [], OmegaConf.to_yaml(cfg))
+    cfg = make_cfg()  # a study's parent run, as a sweep starts it: no freeze depth of its own
+    parent = Tracker(cfg.tracking).start("s1", tags={"sweeper.kind": "study",
+                                                     "optuna.study_name": "s1"})
+    parent.params({"n_trials": 2})
     parent.end()
     done = _rerun(parent.run_id, "--tracking-uri", f"sqlite:///{outputs}/mlflow.db")
     assert done.returncode == 1, done.stderr[-3000:]

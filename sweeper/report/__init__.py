@@ -8,7 +8,9 @@
   study's parent run with the answer as ``recommended.*`` tags and metrics; every finished
   study makes one. :func:`tested_runs` names the runs whose test accuracy a study measures
   when it ends, :func:`candidate_runs` those whose trained parts it keeps until then (of a
-  study's trials, :func:`trial_frame`); the
+  study's trials, :func:`trial_frame`; :func:`find_parent` finds a study's parent run,
+  :func:`study_notes` says what a study's trials lack, :func:`importances` are Optuna's
+  parameter importances its plot shows); the
   study's parent run records the rule as :data:`RULE_TOLERANCE` and :data:`RULE_CONFIDENCE`;
 - :func:`make_design_report`: a designed experiment's figure and table, such as Yosinski et
   al.'s (``_design``), under ``paths.experiments``;
@@ -23,6 +25,7 @@ Example::
 """
 
 from sweeper.report._design import make_design_report
+from sweeper.report._plots import importances
 from sweeper.report._study import (
     ARM,
     RULE_CONFIDENCE,
@@ -31,13 +34,15 @@ from sweeper.report._study import (
     candidate_runs,
     decide_study,
     depth_table,
+    find_parent,
     make_report,
     recommend,
     show,
+    study_notes,
     tested_runs,
     trial_frame,
 )
 
 __all__ = ["ARM", "RULE_CONFIDENCE", "RULE_TOLERANCE", "Report", "candidate_runs", "decide_study",
-           "depth_table", "make_design_report", "make_report", "recommend", "show",
-           "tested_runs", "trial_frame"]
+           "depth_table", "find_parent", "importances", "make_design_report", "make_report",
+           "recommend", "show", "study_notes", "tested_runs", "trial_frame"]

@@ -70,11 +70,11 @@ def plots(trials: pd.DataFrame, table: pd.DataFrame, decision: Decision, folder:
         plt.close(fig)
         written.append("pareto.png")
     if study is not None:
-        importances, rough = _importances(study)
-        if importances:
+        found, rough = importances(study)
+        if found:
             fig, ax = plt.subplots(figsize=(6, 3))
-            names = list(importances)[::-1]
-            ax.barh(names, [importances[n] for n in names])
+            names = list(found)[::-1]
+            ax.barh(names, [found[n] for n in names])
             ax.set(xlabel="importance for validation accuracy (Optuna's default evaluator)")
             ax.set_title("Hyperparameter importances" + (
                 f"\n(rough for {', '.join(rough)}: too few trials in part of its range)"
@@ -143,7 +143,7 @@ def _depth_plot(plt, done: pd.DataFrame, table: pd.DataFrame, decision: Decision
     plt.close(fig)
 
 
-def _importances(study) -> tuple[dict[str, float], list[str]]:
+def importances(study) -> tuple[dict[str, float], list[str]]:
     """Optuna's parameter importances for the first objective, and the parameters its
     evaluator found too few trials for in some of their range (said on the plot, instead of
     a Python warning in the middle of the report's output)."""

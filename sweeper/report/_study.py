@@ -569,7 +569,7 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
         table = pd.DataFrame(columns=[*ARM, "trials", "pruned", "failed"])
     else:
         table = depth_table(trials, decision)
-        notes += _notes(trials, decision)
+        notes += study_notes(trials, decision)
         if "test_acc" in table and table.test_acc.isna().any() and table.test_acc.notna().any():
             notes.append("Test accuracy is measured once, when the study ends, for the "
                          "recommended configuration, the reference and the study's Pareto set "
@@ -597,7 +597,7 @@ def make_report(cfg: DictConfig, study: str | None = None, parent_run: str | Non
     return report
 
 
-def _notes(trials: pd.DataFrame, decision: Decision) -> list[str]:
+def study_notes(trials: pd.DataFrame, decision: Decision) -> list[str]:
     notes = []
     num_units = int(trials.num_units.max())
     measured = {d for (strategy, d), s in decision.arms.items() if s.n and strategy == DEPTH}
