@@ -33,10 +33,10 @@ from sweeper import data as data_mod
 from sweeper import timing
 from sweeper.device import place_model, resolve_device
 from sweeper.errors import UserError, cannot_write, interruption
-from sweeper.model import StateDict, build, from_file, identity, named_weights, weights_from_file
+from sweeper.model import FreezeNet, StateDict, build, from_file, identity, named_weights, weights_from_file
 from sweeper.schedule import check_warmup
-from sweeper.tracking import Kind, Tag, Tracker, config_params, environment_tags
-from sweeper.train import evaluate, fit
+from sweeper.tracking import Kind, Run, Tag, Tracker, config_params, environment_tags
+from sweeper.train import evaluate, fit, reestimate_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def checkpoint_key(cfg: DictConfig) -> dict:
     return key
 
 
-RECIPE = {"warmup_epochs": 0.0, "zero_init_residual": False}  # the settings of backbone.pretrain
+RECIPE = {"warmup_epochs": 0.0, "zero_init_residual": False,  # the settings of backbone.pretrain
+          "reestimate_bn": False}
 
 
 def recipe_of(backbone: DictConfig) -> dict:
@@ -103,7 +104,12 @@ def recipe_of(backbone: DictConfig) -> dict:
       the cosine decay (Goyal et al. 2017): a deep network from scratch at ``source.optim``'s
       rate diverges in its first steps without it;
     - ``zero_init_residual``: torchvision's own option for its ResNets, the last BatchNorm of
-      each residual block starts at zero, so each block starts as the identity.
+      each residual block starts at zero, so each block starts as the identity;
+    - ``reestimate_bn``: after training, every BatchNorm layer's running statistics are
+      re-estimated on the source training images (torch's ``update_bn``): networks whose
+      BatchNorm momentum is 0.01 (torchvision's MobileNetV3 and EfficientNet) otherwise keep
+      much of their initial statistics after a short pretraining, and are at chance in eval
+      mode although they trained well.
     """
     given = backbone.get("pretrain")
     given = OmegaConf.to_container(given, resolve=True) if given else {}
@@ -169,6 +175,20 @@ def pretrain_if_needed(cfg: DictConfig) -> float:
     return ensure_source(cfg)[1]
 
 
+def _reestimate_bn(model: FreezeNet, data: data_mod.Data, device: torch.device,
+                   batch_size: int, run: Run) -> None:
+    """``reestimate_bn``: every unit's BatchNorm statistics re-estimated on the source training
+    images, the way ``freeze.bn_stats=target`` does it for frozen units (all of them frozen
+    for it, then trainable again)."""
+    unfrozen = model.unfrozen
+    model.set_unfrozen(0)
+    found, spent = reestimate_batchnorm(model, data.train, data.normalize, device, batch_size)
+    model.set_unfrozen(unfrozen)
+    log.info("%d BatchNorm layers re-estimated on %d source images (%.2fs)", found,
+             len(data.train), spent)
+    run.metrics({"bn_stats_time_s": spent})
+
+
 def _pretrain(cfg: DictConfig, path: Path) -> None:
     src = cfg.source
     log.info("Pretraining %s on the source task (%s, classes %s) -> %s",
@@ -192,6 +212,8 @@ def _pretrain(cfg: DictConfig, path: Path) -> None:
         place_model(model, device)
         result = fit(model, data, src.trainer, optim, device,
                      on_epoch=lambda s: run.metrics(s.metrics(), step=s.epoch))
+        if recipe.get("reestimate_bn"):
+            _reestimate_bn(model, data, device, int(src.trainer.batch_size), run)
         test_acc = evaluate(model, data.test, data.normalize.to(device), device,
                             int(src.trainer.batch_size), bool(src.trainer.amp))
         train_time_s = result.time.train_time_s

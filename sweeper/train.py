@@ -24,7 +24,7 @@ from torch import nn
 
 from sweeper import timing
 from sweeper.data import Data, Normalize, Split
-from sweeper.device import autocast
+from sweeper.device import as_input, autocast, gather
 from sweeper.errors import UserError
 from sweeper.feeds import Feed, Feeds, image_feed
 from sweeper.model import FreezeNet
@@ -90,6 +90,19 @@ def evaluate(model: FreezeNet, split: Split | Feed, normalize: Normalize, device
             correct += (model.forward_trainable(feed.prepare(x)).argmax(1) == y).sum()
     model.train(was_training)
     return correct.item() / len(feed)
+
+
+def reestimate_batchnorm(model: FreezeNet, split: Split, normalize: Normalize,
+                         device: torch.device, batch_size: int) -> tuple[int, float]:
+    """The frozen units' BatchNorm statistics re-estimated on ``split``'s images (un-augmented,
+    :meth:`FreezeNet.adapt_batchnorm`); returns how many layers, and the seconds it took."""
+    normalize = normalize.to(device)
+    images = split.images
+    with timing.measure(device) as spent:
+        batches = (as_input(normalize(gather(images, slice(i, i + batch_size), device)))
+                   for i in range(0, len(images), batch_size))
+        found = model.adapt_batchnorm(batches)
+    return found, spent.s
 
 
 def make_optimizer(model: FreezeNet, optim: DictConfig) -> torch.optim.Optimizer:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweeper import data as data_mod
 from sweeper import feeds, schedule, timing
 from sweeper.config import config_yaml, resolved
-from sweeper.device import as_input, configure, gather, place_model, resolve_device
+from sweeper.device import configure, place_model, resolve_device
 from sweeper.errors import Interrupted, interruption
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import pretrain_if_needed, pretrain_run_id, resolve_weights
@@ -42,6 +42,7 @@ from sweeper.train import (
     evaluate,
     fit,
     peak_memory_mb,
+    reestimate_batchnorm,
     reset_peak_memory,
     steps_per_epoch,
 )
@@ -307,15 +308,10 @@ def adapt_batchnorm(model: FreezeNet, data: data_mod.Data, bn_stats: str, device
     trial's training time), or None when nothing was done."""
     if bn_stats == "source" or model.cut == 0:
         return None
-    normalize = data.normalize.to(device)
-    images = data.train.images
-    with timing.measure(device) as spent:
-        batches = (as_input(normalize(gather(images, slice(i, i + batch_size), device)))
-                   for i in range(0, len(images), batch_size))
-        found = model.adapt_batchnorm(batches)
+    found, spent = reestimate_batchnorm(model, data.train, data.normalize, device, batch_size)
     log.info("freeze.bn_stats=target: %d frozen BatchNorm layers re-estimated on %d training "
-             "images (%.2fs)", found, len(images), spent.s)
-    return spent.s
+             "images (%.2fs)", found, len(data.train), spent)
+    return spent
 
 
 def input_tags(overrides: list[str], flags: list[str] = ()) -> dict[str, str]:

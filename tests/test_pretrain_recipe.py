@@ -54,7 +54,11 @@ def test_recipes_per_backbone_and_resnet18_keeps_its_checkpoint(make_cfg):
     assert pretrain.recipe_of(r50.backbone) == {"warmup_epochs": 0.5, "zero_init_residual": True}
     for backbone in ("mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16"):
         cfg = make_cfg(f"backbone={backbone}", "backbone.weights=source")
-        assert pretrain.recipe_of(cfg.backbone)["warmup_epochs"] > 0, backbone
+        recipe = pretrain.recipe_of(cfg.backbone)
+        assert recipe["warmup_epochs"] > 0, backbone
+        # BatchNorm momentum 0.01: statistics re-estimated after pretraining
+        assert recipe.get("reestimate_bn", False) == (backbone in ("mobilenet_v3_small",
+                                                                    "efficientnet_b0")), backbone
     with pytest.raises(UserError, match="backbone.pretrain.warmup"):
         pretrain.recipe_of(OmegaConf.create({"pretrain": {"warmup": 1}}))
 
@@ -76,3 +80,21 @@ def test_source_pretraining_applies_the_recipe(make_cfg, outputs, monkeypatch):
     state = torch.load(path, weights_only=True)["state_dict"]
     assert not state["layer1.0.bn2.weight"].any() and state["layer1.0.bn1.weight"].all()
     assert len(list((outputs / "pretrained").glob("resnet18-*.pt"))) == 2  # a checkpoint each
+
+
+def test_reestimate_bn_replaces_what_the_momentum_left(make_cfg, outputs, monkeypatch):
+    """With ``reestimate_bn`` the checkpoint's running statistics are re-estimated on the source
+    images after training (every unit's BatchNorm layers), not what the momentum left."""
+    seen = []
+    monkeypatch.setattr(pretrain, "reestimate_batchnorm", lambda model, split, *a: (
+        seen.append((model.cut, len(split))), (0, 0.0))[1])
+    tiny_source = ["backbone.weights=source", "dataset@source.dataset=fake",
+                   "source.trainer.epochs=1", "source.trainer.batch_size=8",
+                   "source.dataset.classes=null", "source.dataset.train_per_class=8",
+                   "source.dataset.val_per_class=4", "source.dataset.test_per_class=4"]
+    pretrain.source_checkpoint(make_cfg(*tiny_source))
+    assert seen == []  # no recipe, no re-estimation (ResNet-18's checkpoint as before)
+    cfg = make_cfg(*tiny_source, "+backbone.pretrain.reestimate_bn=true")
+    pretrain.source_checkpoint(cfg)
+    (cut, images), = seen  # every unit frozen for it (all re-estimated), all training images
+    assert cut == int(cfg.backbone.num_units) and images > 0 and images % 8 == 0
