@@ -226,9 +226,11 @@ def rule_for(key: str) -> tuple[str, Rule] | None:
     return None
 
 
-def near_miss(key: str, settings: tuple[str, ...] | list[str]) -> str | None:
-    """The setting ``key`` is most likely a typo of, if it is close enough to one."""
-    close = difflib.get_close_matches(key, [s for s in settings if s != key], n=1, cutoff=0.8)
+def near_miss(key: str, settings: tuple[str, ...] | list[str], cutoff: float = 0.8) -> str | None:
+    """The setting ``key`` is most likely a typo of, if it is close enough to one (``cutoff``,
+    difflib's similarity: 0.8 is close enough to refuse a key as a typo; a message that already
+    refuses it may offer a looser guess)."""
+    close = difflib.get_close_matches(key, [s for s in settings if s != key], n=1, cutoff=cutoff)
     return close[0] if close else None
 
 

@@ -14,7 +14,6 @@ instead (``search_space``, ``direction`` without a metric).
 from __future__ import annotations
 
 import datetime
-import difflib
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ from sweeper.storage import StudyLock, open_storage
 from sweeper.study._settings import make_pruner, make_sampler, search
 from sweeper.study._space import parse_space
 from sweeper.trial import RESULTS
-from sweeper.validate import Rule, rule_for
+from sweeper.validate import Rule, near_miss, rule_for
 
 log = logging.getLogger("sweeper.study")
 
@@ -170,8 +169,8 @@ def _check_keys(node: dict[str, Any]) -> None:
     if unknown:
         hints = []
         for key in unknown:
-            near = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"{key}" + (f" (did you mean {near[0]}?)" if near else ""))
+            near = near_miss(key, known, cutoff=0.6)
+            hints.append(f"{key}" + (f" (did you mean {near}?)" if near else ""))
         verb = "is not a setting" if len(unknown) == 1 else "are not settings"
         raise UserError(
             f"hydra.sweeper: {', '.join(hints)} {verb} of this sweeper. Its settings: "
@@ -340,10 +339,10 @@ def _check_values(settings: DictConfig, cfg: DictConfig, arguments: Sequence[str
             raise UserError(f"hydra.sweeper.objectives.{name}={direction} is not valid: use "
                             "maximize or minimize.")
     if unknown := [str(name) for name in objectives if name not in RESULTS]:
-        near = difflib.get_close_matches(unknown[0], RESULTS, n=1)
+        near = near_miss(unknown[0], RESULTS, cutoff=0.6)
         raise UserError(
             f"{', '.join(unknown)} is not a metric a trial returns"
-            + (f" (did you mean {near[0]}?)" if near else "")
+            + (f" (did you mean {near}?)" if near else "")
             + f": the objectives (hydra.sweeper.objectives, or optimized_metric) can name "
             f"{', '.join(RESULTS)}.")
     space = parse_space(settings.params or {}, settings.get("conditions") or {}, arguments)
