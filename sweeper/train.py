@@ -213,8 +213,8 @@ def fit(model: FreezeNet, data: Data, trainer: DictConfig, optim: DictConfig,
                     result.time.add_switch(switch.s, recut)
                     switch_s += switch.s
                     order = order.to(feeds.train.rows.device)
-                    log.info("step %d: now training %s (%s)", step, _units(model.unfrozen),
-                             feeds.train.source)
+                    log.info("step %d: now training %s; train rows %s", step,
+                             _units(model.unfrozen), feeds.train.describe(model.cut))
                 if i == 0:  # what this epoch trains (after the switch at its start, if any)
                     trained = (model.unfrozen, model.count_parameters()[0])
                 set_learning_rates(opt, schedule, step)

@@ -4,6 +4,8 @@ charged and re-run like a fixed depth."""
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import pytest
 import torch
@@ -207,7 +209,8 @@ def test_a_unit_frozen_mid_run_keeps_its_weights_and_batchnorm_statistics(make_c
 # --- the cache after freezing -------------------------------------------------------------
 
 def test_after_freezing_the_rows_are_the_frozen_units_outputs_kept_by_this_run(make_cfg, outputs,
-                                                                              monkeypatch):
+                                                                              monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="sweeper.train")
     model, data, plan, fed, _, _ = _fit(make_cfg, monkeypatch, _freeze("progressive", unfrozen=6))
     shared = sorted(p.name for p in (outputs / "cache" / "features").glob("*.feat"))
     # train, val, test at the start's cut 3 and at cuts 1, 2 (passed on the way): nothing
@@ -223,6 +226,11 @@ def test_after_freezing_the_rows_are_the_frozen_units_outputs_kept_by_this_run(m
     torch.testing.assert_close(train_feed.rows, x, rtol=1e-5, atol=1e-5)
     # the last switches leave less than an epoch: no per-run entry for those
     assert train_feed.cut < 9 - plan.unfrozen(plan.steps - 1)
+    # the log says, in words, where each switch's steps get their inputs
+    switches = [r.getMessage() for r in caplog.records if "now training" in r.getMessage()]
+    assert any("train rows from this run's cache at cut" in m for m in switches), switches
+    assert "newly frozen unit" in switches[-1], switches
+    assert not any("(run (" in m for m in switches), switches
 
 
 def test_gradual_reuses_the_shared_prefix_cache(make_cfg, outputs, monkeypatch):

@@ -45,6 +45,16 @@ class Feed:
     def cached(self) -> bool:
         return not self.source.startswith("images")
 
+    def describe(self, cut: int) -> str:
+        """Where a training step at the model's ``cut`` gets its inputs, in words (the log)."""
+        if not self.cached:
+            return "from the images" + (f", through {cut} frozen units every step" if cut else "")
+        kept = "this run's cache" if self.source.startswith("run") else "the shared cache"
+        newly = cut - self.cut
+        return (f"from {kept} at cut {self.cut}"
+                + (f", then through {newly} newly frozen unit{'s' * (newly > 1)} every step"
+                   if newly > 0 else ""))
+
     @property
     def size_bytes(self) -> int:
         """Bytes of rows and labels, wherever they are."""
