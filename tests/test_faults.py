@@ -226,12 +226,28 @@ def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs
     run = mlflow_client.get_run(killed.user_attrs["mlflow_run_id"])  # the failed trial links it
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["error"]
 
+    # Interrupted again, while it runs the interrupted trial (it runs first) or the next one:
+    # whichever it was runs again too, not only once
+    proc = subprocess.Popen(_sweep_cmd(outputs, *overrides), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_a_trial(mlflow_client, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    study = load_study(outputs)
+    assert study.trials[killed.number + 1].user_attrs["resumes"] == killed.number
+    (killed2,) = [t for t in study.trials
+                  if t.state == TrialState.FAIL and t.number != killed.number]
+    assert f"trial {killed2.number} will run again" in out + err, (out + err)[-3000:]
+
     done = cli(*overrides, flags=("-m",))  # the same command resumes it
     assert done.returncode == 0, done.stderr[-3000:]
     study = load_study(outputs)
-    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 2
-    assert study.trials[-1].user_attrs.get("retry_of") == killed.number or any(
-        t.user_attrs.get("retry_of") == killed.number for t in study.trials)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 2
+    assert any(t.user_attrs.get("resumes") == killed2.number and t.params == killed2.params
+               for t in complete)
+    assert any(t.params == killed.params for t in complete)
     parent, _ = study_runs(mlflow_client)
     assert parent.info.status == "FINISHED"
     assert "error" not in parent.data.tags  # no stale "interrupted" on the finished study

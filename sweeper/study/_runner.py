@@ -72,6 +72,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what h
 # bytes, or twice what the last pruning left, whichever is more (each pruning reads every run
 # of the study from MLflow, so it is not worth doing for a few files).
 PRUNE_ABOVE_BYTES = 2 * 2**30
+_AGAIN = " again, as planned: "  # a retry's plan (user attr): "trial N again, as planned: ..."
 _TESTED_S = "sweeper:test_eval_s"  # study system attr: seconds its end-of-study test evaluations took
 
 # A launch runs trial ``number`` with these Hydra overrides and returns when it has ended;
@@ -454,8 +455,10 @@ class StudyRunner:
         return lost
 
     def _lose(self, t: FrozenTrial, reason: str, state: State = State.FAILED) -> bool:
-        """Fail trial ``t``, whose process is gone, as lost (retried once): its MLflow run
-        ended in ``state`` first (made if it had none), so that the failed trial links it
+        """Fail trial ``t``, whose process is gone, as lost (retried once), or that the user
+        interrupted (``state`` KILLED: always run again, the promise of "resumable", whatever
+        it was; a retry keeps the one retry left, if any, of the trial it resumes): its MLflow
+        run ended in ``state`` first (made if it had none), so that the failed trial links it
         (user attr ``mlflow_run_id``; a finished trial takes no more attributes). False if
         someone else finished it first."""
         try:
@@ -467,8 +470,16 @@ class StudyRunner:
         if not _trials.mark_lost(self.storage, t, reason, run_id):
             return False
         log.warning("trial %d %s", t.number, reason)
-        if self.s.retry_lost and "retry_of" not in t.user_attrs:
-            self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        why = str(t.user_attrs.get(PLAN, "")).split(_AGAIN)[-1]  # a retry's: its first trial's
+        plan = {PLAN: f"trial {t.number}{_AGAIN}{why}" if why else f"trial {t.number} again"}
+        if state == State.KILLED:  # interrupted: the resumed study runs it
+            kept = {"retry_of": t.user_attrs["retry_of"]} if "retry_of" in t.user_attrs else {}
+            self.study.enqueue_trial(t.params, user_attrs={_trials.RESUMES: t.number, **kept,
+                                                           **plan})
+            log.info("trial %d will run again with the same parameters when the study "
+                     "resumes", t.number)
+        elif self.s.retry_lost and "retry_of" not in t.user_attrs:
+            self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **plan})
             log.info("trial %d will be retried once with the same parameters", t.number)
         return True
 

@@ -31,6 +31,7 @@ LOST = "sweeper:lost"            # trial system attr: failed because its heartbe
 PROGRESS = "sweeper:progress"    # trial system attr: {"epoch", "epochs", "val_acc", "training_s"}
 OVERHEAD = "sweeper:overhead:"   # study system attr + trial number: the trial's overhead (s)
 WORKER = "sweeper:worker"        # trial system attr: host:pid of the sweep that asked it
+RESUMES = "resumes"              # trial user attr: the interrupted trial it runs again
 
 
 def worker_label() -> str:
