@@ -473,13 +473,13 @@ class StudyRunner:
         why = str(t.user_attrs.get(PLAN, "")).split(_AGAIN)[-1]  # a retry's: its first trial's
         plan = {PLAN: f"trial {t.number}{_AGAIN}{why}" if why else f"trial {t.number} again"}
         if state == State.KILLED:  # interrupted: the resumed study runs it
-            kept = {"retry_of": t.user_attrs["retry_of"]} if "retry_of" in t.user_attrs else {}
+            kept = {k: t.user_attrs[k] for k in (_trials.RETRY_OF,) if k in t.user_attrs}
             self.study.enqueue_trial(t.params, user_attrs={_trials.RESUMES: t.number, **kept,
                                                            **plan})
             log.info("trial %d will run again with the same parameters when the study "
                      "resumes", t.number)
-        elif self.s.retry_lost and "retry_of" not in t.user_attrs:
-            self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **plan})
+        elif self.s.retry_lost and _trials.RETRY_OF not in t.user_attrs:
+            self.study.enqueue_trial(t.params, user_attrs={_trials.RETRY_OF: t.number, **plan})
             log.info("trial %d will be retried once with the same parameters", t.number)
         return True
 

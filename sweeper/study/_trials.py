@@ -32,6 +32,7 @@ PROGRESS = "sweeper:progress"    # trial system attr: {"epoch", "epochs", "val_a
 OVERHEAD = "sweeper:overhead:"   # study system attr + trial number: the trial's overhead (s)
 WORKER = "sweeper:worker"        # trial system attr: host:pid of the sweep that asked it
 RESUMES = "resumes"              # trial user attr: the interrupted trial it runs again
+RETRY_OF = "retry_of"            # trial user attr: the lost trial it retries (once)
 
 
 def worker_label() -> str:
