@@ -242,6 +242,9 @@ def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs
 
     done = cli(*overrides, flags=("-m",))  # the same command resumes it
     assert done.returncode == 0, done.stderr[-3000:]
+    # the progress line counts them as interrupted, not as lost
+    said = done.stdout + done.stderr
+    assert "2 interrupted (run again)" in said and " lost" not in said, said[-3000:]
     study = load_study(outputs)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 2

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.study._trials import LOST, PROGRESS
+from sweeper.study._trials import INTERRUPTED, LOST, PROGRESS
 
 log = logging.getLogger("sweeper.study")
 
@@ -71,17 +71,22 @@ class Progress:
     def counts(self, trials: Sequence[FrozenTrial]) -> dict[str, int]:
         def n(state: TrialState) -> int:
             return sum(t.state == state for t in trials)
-        lost = sum(t.state == TrialState.FAIL and bool(t.system_attrs.get(LOST)) for t in trials)
+        gone = [t.system_attrs.get(LOST) for t in trials if t.state == TrialState.FAIL]
+        interrupted = sum(g == INTERRUPTED for g in gone)
+        lost = sum(bool(g) for g in gone) - interrupted
         return {"complete": n(TrialState.COMPLETE), "running": n(TrialState.RUNNING),
-                "pruned": n(TrialState.PRUNED), "failed": n(TrialState.FAIL) - lost, "lost": lost}
+                "pruned": n(TrialState.PRUNED), "failed": len(gone) - lost - interrupted,
+                "lost": lost, "interrupted": interrupted}
 
     def line(self, trials: Sequence[FrozenTrial]) -> str:
         c = self.counts(trials)
         done = c["complete"] + c["pruned"] + c["failed"]
         text = (f"{done}/{self.n_trials} done ({c['complete']} complete, {c['pruned']} pruned, "
                 f"{c['failed']} failed), {c['running']} running")
+        if c["interrupted"]:
+            text += f", {c['interrupted']} interrupted (run again)"
         if c["lost"]:
-            text += f", {c['lost']} lost"
+            text += f", {c['lost']} lost (process gone)"
         return text + f" | best {self.best(trials)}"
 
     def best(self, trials: Sequence[FrozenTrial]) -> str:

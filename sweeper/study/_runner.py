@@ -358,7 +358,7 @@ class StudyRunner:
             self.launch(trial.number, overrides)
         except Exception as e:  # noqa: BLE001 - recorded on the trial below
             error = e
-        # (on KeyboardInterrupt the trial stays ours: run() marks it lost, to be retried)
+        # (on KeyboardInterrupt the trial stays ours: run() marks it interrupted, to run again)
         self.heartbeat.remove(trial._trial_id)
         with self._mine_lock:
             self._mine.discard(trial._trial_id)
@@ -467,7 +467,8 @@ class StudyRunner:
         except Exception as e:  # noqa: BLE001 - MLflow trouble must not block the study
             log.warning("could not mark the MLflow run of trial %d: %s", t.number, e)
             run_id = None
-        if not _trials.mark_lost(self.storage, t, reason, run_id):
+        if not _trials.mark_lost(self.storage, t, reason, run_id,
+                                 interrupted=state == State.KILLED):
             return False
         log.warning("trial %d %s", t.number, reason)
         why = str(t.user_attrs.get(PLAN, "")).split(_AGAIN)[-1]  # a retry's: its first trial's

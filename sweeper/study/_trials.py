@@ -27,7 +27,8 @@ from sweeper.tracking import Tracker
 log = logging.getLogger("sweeper.study")
 
 HEARTBEAT = "sweeper:heartbeat"  # trial system attr: time.time() of the last sign of life
-LOST = "sweeper:lost"            # trial system attr: failed because its heartbeat stopped
+LOST = "sweeper:lost"            # trial system attr: failed because its process is gone (True),
+INTERRUPTED = "interrupted"      # ... or this value: the user interrupted it (Ctrl-C, SIGTERM)
 PROGRESS = "sweeper:progress"    # trial system attr: {"epoch", "epochs", "val_acc", "training_s"}
 OVERHEAD = "sweeper:overhead:"   # study system attr + trial number: the trial's overhead (s)
 WORKER = "sweeper:worker"        # trial system attr: host:pid of the sweep that asked it
@@ -99,11 +100,12 @@ def stale_trials(study: optuna.Study, grace_period: float) -> list[FrozenTrial]:
 
 
 def mark_lost(storage: BaseStorage, trial: FrozenTrial, reason: str,
-              run_id: str | None = None) -> bool:
-    """FAIL a trial whose process is gone, with ``reason`` in its user attr ``error`` (and its
-    MLflow run in ``mlflow_run_id``); False if someone else finished it first."""
+              run_id: str | None = None, interrupted: bool = False) -> bool:
+    """FAIL a trial whose process is gone, or that the user ``interrupted``, with ``reason`` in
+    its user attr ``error`` (and its MLflow run in ``mlflow_run_id``); False if someone else
+    finished it first."""
     try:
-        storage.set_trial_system_attr(trial._trial_id, LOST, True)
+        storage.set_trial_system_attr(trial._trial_id, LOST, INTERRUPTED if interrupted else True)
         storage.set_trial_user_attr(trial._trial_id, "error", reason)
         if run_id:
             storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", run_id)
