@@ -209,14 +209,22 @@ def _wait_for_a_trial(mlflow_client, proc: subprocess.Popen, timeout: float = 60
     pytest.fail("no trial got as far as its model")
 
 
+def _stopped(cmd: list[str], mlflow_client, sig: int = signal.SIGINT,
+             **wait) -> tuple[int, str, str]:
+    """``cmd`` started, sent ``sig`` once a run is inside its training (``wait``: as
+    :func:`_wait_for_a_trial`), and its exit status, stdout and stderr."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_a_trial(mlflow_client, proc, **wait)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
 def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs, mlflow_client):
     overrides = ("hydra.sweeper.n_trials=2", "trainer.epochs=5")
-    proc = subprocess.Popen(_sweep_cmd(outputs, *overrides), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_a_trial(mlflow_client, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    rc, out, err = _stopped(_sweep_cmd(outputs, *overrides), mlflow_client)
+    assert rc == 130, err[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
     assert f"Interrupted: study '{STUDY}' is resumable" in err.strip().splitlines()[-1]
     assert "run the same command again to resume it" in err
@@ -228,12 +236,8 @@ def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs
 
     # Interrupted again, while it runs the interrupted trial (it runs first) or the next one:
     # whichever it was runs again too, not only once
-    proc = subprocess.Popen(_sweep_cmd(outputs, *overrides), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_a_trial(mlflow_client, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    rc, out, err = _stopped(_sweep_cmd(outputs, *overrides), mlflow_client)
+    assert rc == 130, err[-3000:]
     study = load_study(outputs)
     assert study.trials[killed.number + 1].user_attrs["resumes"] == killed.number
     (killed2,) = [t for t in study.trials
@@ -263,12 +267,8 @@ def test_ctrl_c_or_sigterm_in_one_trial_is_one_line_and_its_run_ends_killed(sig,
     # SIGTERM: kill, timeout, a scheduler's cancel or time limit; the run must not stay RUNNING
     cmd = [sys.executable, "-m", "sweeper.run", *TINY, f"paths.outputs={outputs}",
            "trainer.epochs=200"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for_a_trial(mlflow_client, proc)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig
+    rc, out, err = _stopped(cmd, mlflow_client, sig)
+    assert rc == 128 + sig
     assert "Traceback" not in err + out, err[-3000:]
     assert "ended KILLED; run the same command again" in err.strip().splitlines()[-1]
     exp = mlflow_client.get_experiment_by_name("sweeper")
@@ -283,12 +283,8 @@ def test_sigterm_during_source_pretraining_ends_its_run_killed(outputs, mlflow_c
            "backbone.weights=source", "source.dataset.train_per_class=40",
            "source.dataset.val_per_class=2", "source.dataset.test_per_class=2",
            "source.trainer.epochs=500", "source.trainer.batch_size=8"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for_a_trial(mlflow_client, proc, kind="pretrain", metric="val_acc")
-    proc.terminate()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
+    rc, out, err = _stopped(cmd, mlflow_client, signal.SIGTERM, kind="pretrain", metric="val_acc")
+    assert rc == 143, err[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
     exp = mlflow_client.get_experiment_by_name("sweeper").experiment_id
     runs = {r.data.tags["sweeper.kind"]: r for r in mlflow_client.search_runs([exp])}
@@ -299,13 +295,9 @@ def test_sigterm_during_source_pretraining_ends_its_run_killed(outputs, mlflow_c
 
 
 def test_sigterm_stops_a_study_as_ctrl_c_does_nothing_left_running(outputs, mlflow_client):
-    proc = subprocess.Popen(_sweep_cmd(outputs, "hydra.sweeper.n_trials=2", "trainer.epochs=200"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    _wait_for_a_trial(mlflow_client, proc)
-    proc.terminate()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
+    rc, out, err = _stopped(_sweep_cmd(outputs, "hydra.sweeper.n_trials=2", "trainer.epochs=200"),
+                            mlflow_client, signal.SIGTERM)
+    assert rc == 143, err[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
     assert f"Interrupted: study '{STUDY}' is resumable" in err.strip().splitlines()[-1]
     parent, children = study_runs(mlflow_client)
