@@ -32,10 +32,8 @@ from omegaconf import DictConfig
 from sweeper.errors import UserError
 
 STRATEGIES = ("depth", "progressive", "gradual")
-# The freeze config's keys (conf/freeze/): every strategy's, then each strategy's own.
+# The freeze config's keys every strategy has (conf/freeze/); each strategy's own: PARAMETERS.
 FREEZE_KEYS = ("strategy", "unfrozen", "transferred", "bn_stats")
-STRATEGY_KEYS = {"depth": (), "progressive": ("start", "end", "spacing"),
-                 "gradual": ("head_epochs", "every", "units_each", "new_lr_scale")}
 SPACINGS = ("linear", "cubic")
 LR_SHAPES = ("cosine", "constant")
 #: Each strategy's parameters besides ``unfrozen`` (keys of ``freeze``, as in ``conf/freeze/``).

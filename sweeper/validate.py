@@ -198,7 +198,7 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "trainer": (*(r.key for r in RULES["trainer"]), "device"),
     "optim": (*(r.key for r in RULES["optim"]), "layer_decay", "optimizer"),
     "freeze": tuple(dict.fromkeys((*(r.key for r in RULES["freeze"]), *schedule.FREEZE_KEYS,
-                                   *(k for ks in schedule.STRATEGY_KEYS.values() for k in ks)))),
+                                   *(k for ks in schedule.PARAMETERS.values() for k in ks)))),
 }
 
 

@@ -164,9 +164,11 @@ def importances(study) -> tuple[dict[str, float], list[str]]:
     except (ValueError, RuntimeError) as e:
         log.info("No parameter importances: %s", e)
         return {}, []
-    rough = [m.group(1) for w in said
-             if (m := re.search(r"regimes for parameter `([^`]+)` have less than", str(w.message)))]
-    for w in said:  # any other warning as it was
-        if not re.search(r"regimes for parameter `", str(w.message)):
+    rough = []
+    for w in said:
+        m = re.search(r"regimes for parameter `([^`]+)`( have less than)?", str(w.message))
+        if m is None:  # any other warning as it was
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif m.group(2):
+            rough.append(m.group(1))
     return importances, list(dict.fromkeys(rough))

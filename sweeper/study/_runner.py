@@ -474,7 +474,8 @@ class StudyRunner:
         why = str(t.user_attrs.get(PLAN, "")).split(_AGAIN)[-1]  # a retry's: its first trial's
         plan = {PLAN: f"trial {t.number}{_AGAIN}{why}" if why else f"trial {t.number} again"}
         if state == State.KILLED:  # interrupted: the resumed study runs it
-            kept = {k: t.user_attrs[k] for k in (_trials.RETRY_OF,) if k in t.user_attrs}
+            kept = ({_trials.RETRY_OF: t.user_attrs[_trials.RETRY_OF]}
+                    if _trials.RETRY_OF in t.user_attrs else {})
             self.study.enqueue_trial(t.params, user_attrs={_trials.RESUMES: t.number, **kept,
                                                            **plan})
             log.info("trial %d will run again with the same parameters when the study "
