@@ -109,7 +109,7 @@ def test_a_trial_runs_on_the_gpu(make_cfg, mlflow_client, overrides):
     assert run.info.status == "FINISHED" and run.data.tags["state"] == "complete"
     assert 0 <= result["val_acc"] <= 1 and 0 <= result["test_acc"] <= 1
     assert result["train_time_s"] > 0 and result["peak_memory_mb"] > 0
-    if "cache.device_budget_mb=0" in overrides:
+    if "cache.memory_budget_mb=0.001" in overrides:
         assert result["cache_mapped_bytes"] > 0
 
 
@@ -117,7 +117,8 @@ def test_a_warm_cache_on_the_gpu_is_hit_and_charged_the_same(make_cfg):
     overrides = (*ON_GPU, "freeze.unfrozen=1", "trainer.epochs=2")
     cold = run_trial(make_cfg(*overrides))
     warm = run_trial(make_cfg(*overrides))
-    assert cold["cache_hits"] == 0 and warm["cache_hits"] == 3
+    # train and val rows come from the cache; the test set runs on images, as the exported model does
+    assert cold["cache_hits"] == 0 and warm["cache_hits"] == cold["cache_entries"] == 2
     assert warm["cache_fill_charged_s"] == pytest.approx(cold["cache_fill_charged_s"])
 
 

@@ -4,7 +4,7 @@
 # Installs the carried wheels beside the image's PyTorch (unless they are importable already),
 # lays out Fashion-MNIST under outputs/data, then runs each step with its own time limit,
 # within a budget for the whole run ($BUDGET s, default 480, setup included):
-#   study   the default study:              python -m sweeper.run -m
+#   study   the default study, then its model exported: python -m sweeper.run -m; python -m sweeper.export
 #   tests   the tests marked gpu:           python -m pytest -m gpu
 #   bench   the GPU benchmark:              python -m benchmarks.gpu_speed
 #   readme  README commands: a ResNet-50 trial, the report, a rerun, a basic sweep, the CPU benchmark
@@ -69,7 +69,8 @@ PY
 
 for s in $steps; do
   case $s in
-    study)  step study 120 "$PY" -m sweeper.run -m ;;
+    study)  step study 120 "$PY" -m sweeper.run -m
+            step export 60 "$PY" -m sweeper.export ;;
     tests)  step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider ;;
     bench)  step bench 240 "$PY" -m benchmarks.gpu_speed ;;
     readme)
