@@ -71,7 +71,7 @@ for s in $steps; do
   case $s in
     study)  step study 120 "$PY" -m sweeper.run -m
             step export 60 "$PY" -m sweeper.export ;;
-    tests)  step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider ;;
+    tests)  step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=12 ;;
     bench)  step bench 240 "$PY" -m benchmarks.gpu_speed ;;
     readme)
       step trial_resnet50 60 "$PY" -m sweeper.run backbone=resnet50 freeze.unfrozen=3 optim.lr_head=0.01
