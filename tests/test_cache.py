@@ -16,6 +16,7 @@ import torch
 from sweeper import data as data_mod
 from sweeper import feeds as cache
 from sweeper.errors import UserError
+from sweeper.feeds._fill import _worth_keeping
 from sweeper.model import build
 from sweeper.train import fit
 from sweeper.trial import build_model, run_trial
@@ -123,13 +124,34 @@ def test_a_deeper_cut_is_derived_from_the_deepest_shallower_one(make_cfg, output
     # Its recorded cost is that of computing it from the images: parent's cost + derivation.
     parent, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, directory)
     assert feed.fill_time_s > parent.fill_time_s
-    # Passed rows are kept in RAM only where they fit beside what it holds: none, with no
-    # budget (then they are read from their files).
+    # Passed rows are kept only where they fit the RAM budget beside what it holds: with none,
+    # a fill writes its own entry alone, and a shallower cut is filled when it is asked for.
     cache.MEMORY.clear()
     cache.MEMORY.start_trial(0)
     cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 3, outputs / "cold")
+    assert len(list((outputs / "cold").glob("*.feat"))) == 1
     cold, _ = cache.prefix_outputs(_prefix(cfg, model, data, dtype=dtype), 1, outputs / "cold")
-    assert cold.source == "hit (disk)"
+    assert cold.source == "filled"
+
+
+def test_a_fill_keeps_passed_rows_only_where_recomputing_costs_more_than_copying():
+    # The first batch's rows after each of 4 units (32 rows of a batch, 320 rows in all; 2 bytes
+    # a value): unit 0's rows are 4x the last's, unit 1's 2x, unit 2's the same size.
+    batch = [torch.zeros(32, 4, 8), torch.zeros(32, 2, 8), torch.zeros(32, 1, 8), torch.zeros(32, 1, 8)]
+    last_bytes = 320 * 8 * 2
+    # A CPU at 32 px: each unit's compute dwarfs copying its rows out: all are kept.
+    keep = _worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=2**30)
+    assert keep == [True, True, True, True]
+    # A GPU at 224 px: the first units' rows take longer to copy out (at the last one's rate)
+    # than to compute again: only the rows that cost more to compute than to copy are kept.
+    keep = _worth_keeping(batch, [0.1, 0.1, 0.5, 0.5], 0.2, 320, torch.float16, room=2**30)
+    assert keep == [False, False, True, True]  # unit 0: 0.1 s < 0.8 s; unit 1: 0.2 s < 0.4 s
+    # RAM for the last unit's rows and then some: passed rows are kept deepest first while
+    # they fit, so a GB-sized shallow cut never crowds out the ones near the cut asked for.
+    keep = _worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=last_bytes)
+    assert keep == [False, False, False, True]
+    keep = _worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=4 * last_bytes)
+    assert keep == [False, True, True, True]
 
 
 _FILLER = """
@@ -188,6 +210,7 @@ def test_a_truncated_or_corrupt_entry_is_rebuilt(make_cfg, outputs, caplog):
     data = data_mod.load(cfg.dataset)
     model = _model(cfg, data, 2)
     directory = outputs / "cache"
+    cache.MEMORY.start_trial(2**30)  # RAM for the rows the fill passes: entries too
     first, _ = cache.prefix_outputs(_prefix(cfg, model, data), 4, directory)
     want = first.rows.clone()
     path = directory / f"{_prefix(cfg, model, data).key(4)}.feat"  # (and those it passed)

@@ -3,13 +3,13 @@
 An entry at cut ``k`` is derived from the deepest valid entry at a cut ``j < k`` of the same
 split and weights, by running only units ``j..k-1``, so a whole study's frozen forward work
 stays near one forward pass per image; the rows a fill passes on its way (at each cut between)
-are entries too (kept in this process's RAM where they fit its budget beside what is there), so
-that a study's trials at those depths find them instead of computing them again (a study
-visits its depths in an order that often goes from deep to shallow). Entries are found in this
-process's RAM, then on disk
-under a file lock (one process fills an entry while the others wait for it); a corrupt one is
-logged, deleted and rebuilt, never used. Each records its fill cost
-(:func:`sweeper.timing.fill_cost`), which every trial using it is charged.
+are entries too where computing them costs more than copying them out and they fit this
+process's RAM budget beside what is there (small feature maps on a CPU, not a GPU's GBs at
+224 px), so that a study's trials at those depths find them instead of computing them again (a
+study visits its depths in an order that often goes from deep to shallow). Entries are found
+in this process's RAM, then on disk under a file lock (one process fills an entry while the
+others wait for it); a corrupt one is logged, deleted and rebuilt, never used. Each records its
+fill cost (:func:`sweeper.timing.fill_cost`), which every trial using it is charged.
 """
 
 from __future__ import annotations
@@ -42,42 +42,92 @@ def _run_units(units: list[nn.Module], rows: torch.Tensor, prepare: Callable[[to
     """``units`` applied to ``prepare(rows)`` in batches on ``device``, gathered on
     ``out_device`` (default: the CPU) as ``dtype`` (cast on the device: fewer bytes cross to
     the host)."""
-    return _run_each(units, rows, prepare, device, amp, dtype, out_device)[0][-1]
+    return _run_each(units, rows, prepare, device, amp, dtype, out_device)[0][-1][1]
 
 
 @torch.no_grad()
 def _run_each(units: list[nn.Module], rows: torch.Tensor,
               prepare: Callable[[torch.Tensor], torch.Tensor], device: torch.device, amp: bool,
               dtype: torch.dtype, out_device: torch.device | None = None,
-              every: bool = False) -> tuple[list[torch.Tensor], list[float]]:
-    """:func:`_run_units`'s rows (with ``every``: the rows after each unit, and the seconds
-    each took to compute from ``rows``, timed unit by unit and summed along the way; without
-    it the times are not waited for on a GPU, and mean nothing)."""
+              room: int | None = None) -> tuple[list[tuple[int, torch.Tensor]], list[float]]:
+    """:func:`_run_units`'s rows as ``[(len(units) - 1, rows)]``, and (with ``room``) also the
+    rows after earlier units that are worth keeping, each as ``(unit index, rows)``, shallowest
+    first, with the seconds each took to compute from ``rows`` (timed unit by unit and summed
+    along the way; without ``room`` the times are not waited for on a GPU, and mean nothing).
+
+    The rows after an earlier unit are kept (:func:`_worth_keeping`) where computing them
+    costs more than copying them out, as measured on the first batch, and where they fit in
+    ``room`` bytes beside the last unit's rows, deepest first: at 32 px they are a few MB and
+    save later trials a forward pass; a ResNet-50's at 224 px are GBs a GPU recomputes faster
+    than it copies them to the host.
+    """
     assert not any(u.training for u in units), "frozen units must be in eval mode"
-    clock = device if every else None  # no GPU sync per batch where no one reads the times
+    timed = room is not None
+    clock = device if timed else None  # no GPU sync per batch where no one reads the times
     steps = len(units) or 1  # no unit: the prepared rows
+    last = steps - 1
+    if timed and device.type == "cuda" and len(rows):  # cuDNN picks its kernels: not timed
+        with autocast(device, amp):
+            x = prepare(gather(rows, slice(0, FILL_BATCH), device))
+            for unit in units:
+                x = unit(layout(x, training=False))
+    keep: list[bool] | None = None if timed else [k == last for k in range(steps)]
     outs: list[torch.Tensor | None] = [None] * steps
     ran, kept = [0.0] * steps, [0.0] * steps  # each unit's time, each output's copy
+
+    def copy(k: int, x: torch.Tensor, start: int) -> None:
+        with timing.measure(clock) as t:
+            if outs[k] is None:
+                outs[k] = torch.empty((len(rows), *x.shape[1:]), dtype=dtype,
+                                      device=out_device or "cpu")
+            outs[k][start:start + len(x)].copy_(x.to(dtype))
+        kept[k] += t.s
+
     for start in range(0, len(rows), FILL_BATCH):
         with timing.measure(clock) as t:
             x = gather(rows, slice(start, start + FILL_BATCH), device)
         ran[0] += t.s
+        held = []  # the first batch's rows after each unit, until it is decided which to keep
         for k in range(steps):
             with timing.measure(clock) as t, autocast(device, amp):
                 x = prepare(x) if k == 0 else x
                 x = units[k](layout(x, training=False)) if units else x  # as forward_frozen
             ran[k] += t.s
-            if every or k == steps - 1:
-                with timing.measure(clock) as t:
-                    if outs[k] is None:
-                        outs[k] = torch.empty((len(rows), *x.shape[1:]), dtype=dtype,
-                                              device=out_device or "cpu")
-                    outs[k][start:start + len(x)].copy_(x.to(dtype))
-                kept[k] += t.s
+            if keep is None:
+                held.append(x)
+            elif keep[k]:
+                copy(k, x, start)
+        if keep is None:
+            copy(last, held[last], start)
+            keep = _worth_keeping(held, ran, kept[last], len(rows), dtype, room)
+            for k in range(last):
+                if keep[k]:
+                    copy(k, held[k], start)
+            del held
     # the rows at a cut cost the units up to it and their own copy, not the others'
     spent = [r + c for r, c in zip(itertools.accumulate(ran), kept, strict=True)]
-    return [o for o in outs if o is not None], [s for o, s in zip(outs, spent, strict=True)
-                                                if o is not None]
+    return ([(k, o) for k, o in enumerate(outs) if o is not None],
+            [s for o, s in zip(outs, spent, strict=True) if o is not None])
+
+
+def _worth_keeping(batch: list[torch.Tensor], ran: list[float], copy_s: float, n_rows: int,
+                   dtype: torch.dtype, room: int) -> list[bool]:
+    """Which units' rows a fill keeps, decided on its first ``batch`` (the rows after each
+    unit), ``ran`` (each unit's seconds on it) and ``copy_s`` (the seconds the last unit's rows
+    took to copy out): the last always; an earlier one where computing it from the images took
+    longer than copying it out would (at the last one's rate), while all of them fit in
+    ``room`` bytes beside the last, deepest first."""
+    size = dtype.itemsize
+    last = len(batch) - 1
+    per_s = batch[last].numel() * size / copy_s if copy_s > 0 else float("inf")
+    room -= n_rows * batch[last][0].numel() * size
+    keep = [False] * last + [True]
+    computed = list(itertools.accumulate(ran))
+    for k in range(last - 1, -1, -1):
+        nbytes = n_rows * batch[k][0].numel() * size
+        if computed[k] > batch[k].numel() * size / per_s and nbytes <= room:
+            keep[k], room = True, room - nbytes
+    return keep
 
 
 def run_rows(feed: Feed, device: torch.device, amp: bool, dtype: torch.dtype,
@@ -115,11 +165,12 @@ def _fill(prefix: Prefix, cut: int, directory: Path) -> list[tuple[int, torch.Te
     if parent is not None:
         j, rows, parent_meta = parent
         prepare, parent_cost, how = as_input, parent_meta["fill_time_s"], f"derived from cut {j}"
+    room = max(0, MEMORY.budget - MEMORY.nbytes)  # RAM for the rows passed on the way
     outs, spent = _run_each(list(model.units[j:cut]), rows, prepare, device, prefix.amp,
-                            prefix.dtype, every=True)
+                            prefix.dtype, room=room)
     return [(j + k + 1, out, {"fill_time_s": timing.fill_cost(s, parent_cost), "spent_s": s,
                               "cut": j + k + 1, "how": how})
-            for k, (out, s) in enumerate(zip(outs, spent, strict=True))]
+            for (k, out), s in zip(outs, spent, strict=True)]
 
 
 def prefix_outputs(prefix: Prefix, cut: int, directory: Path) -> tuple[Feed, float]:
