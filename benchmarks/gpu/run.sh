@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu/run.sh [study] [tests] [bench] [readme]      (default: all four, in order)
 # Installs the carried wheels beside the image's PyTorch (unless they are importable already),
 # lays out Fashion-MNIST under outputs/data, then runs each step with its own time limit,
-# within a budget for the whole run ($BUDGET s, default 480, setup included):
+# within a budget for the whole run ($BUDGET s, default 480, setup included). On an H200 all
+# four took about 730 s: `study tests` (about 300 s), then `bench readme`, fit 10-minute calls.
 #   study   the default study, then its model exported: python -m sweeper.run -m; python -m sweeper.export
 #   tests   the tests marked gpu:           python -m pytest -m gpu
 #   bench   the GPU benchmark:              python -m benchmarks.gpu_speed
