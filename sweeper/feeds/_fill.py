@@ -50,9 +50,9 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
               prepare: Callable[[torch.Tensor], torch.Tensor], device: torch.device, amp: bool,
               dtype: torch.dtype, out_device: torch.device | None = None,
               room: int | None = None) -> tuple[list[tuple[int, torch.Tensor]], list[float]]:
-    """:func:`_run_units`'s rows as ``[(len(units) - 1, rows)]``, and (with ``room``) also the
-    rows after earlier units that are worth keeping, each as ``(unit index, rows)``, shallowest
-    first, with the seconds each took to compute from ``rows`` (timed unit by unit and summed
+    """Rows as ``(unit index, rows)`` pairs, shallowest first: the last unit's (those of
+    :func:`_run_units`) and, with ``room``, also those after earlier units that are worth
+    keeping; and the seconds each took to compute from ``rows`` (timed unit by unit and summed
     along the way; without ``room`` the times are not waited for on a GPU, and mean nothing).
 
     The rows after an earlier unit are kept (:func:`_worth_keeping`) where computing them
