@@ -88,6 +88,26 @@ def test_a_cut_filled_and_derived_on_the_gpu_matches_the_prefix(make_cfg, output
     torch.testing.assert_close(feed.rows.float(), x.float().cpu(), rtol=5e-2, atol=5e-2)
 
 
+def test_a_fill_at_224_px_keeps_only_the_cut_asked_for(make_cfg, outputs):
+    # ResNet-50's rows after each layer1 block at 224 px are 1.6 MB an image, twice those at
+    # cut 5: the GPU computes them again faster than it copies them out, so a fill at cut 5
+    # does not keep them (at 32 px on the CPU it keeps every cut it passes: tests/test_cache.py).
+    cfg = make_cfg(*ON_GPU, "backbone=resnet50", "dataset.image_size=224", "dataset.size=600",
+                   "dataset.train_per_class=160")
+    device = dev.resolve_device("cuda")
+    data = data_mod.load(cfg.dataset)
+    model = dev.place_model(build(cfg.backbone, len(data.classes), 12, None)[0], device)
+    assert model.cut == 5
+    cache.MEMORY.start_trial(2**36)  # RAM for every passed cut: the cost alone decides
+    prefix = cache.Prefix(model, data.train, data.normalize.to(device), torch.float16, device, True,
+                          cache.split_digest(data.train, data.normalize),
+                          [cache.unit_digest(u) for u in model.frozen_units()])
+    feed, _ = cache.prefix_outputs(prefix, 5, outputs / "c")
+    assert feed.source == "filled" and len(feed) == 480
+    written = {p.stat().st_size for p in (outputs / "c").glob("*.feat")}
+    assert max(written) <= (outputs / "c" / f"{prefix.key(5)}.feat").stat().st_size
+
+
 @pytest.mark.parametrize("overrides", [
     ["freeze.unfrozen=2"],  # cached train/val/test, kept on the GPU
     ["freeze.unfrozen=9"],  # nothing frozen: images on the GPU, whole model every step
