@@ -16,7 +16,6 @@ import torch
 from sweeper import data as data_mod
 from sweeper import feeds as cache
 from sweeper.errors import UserError
-from sweeper.feeds._fill import _worth_keeping
 from sweeper.model import build
 from sweeper.train import fit
 from sweeper.trial import build_model, run_trial
@@ -140,17 +139,17 @@ def test_a_fill_keeps_passed_rows_only_where_recomputing_costs_more_than_copying
     batch = [torch.zeros(32, 4, 8), torch.zeros(32, 2, 8), torch.zeros(32, 1, 8), torch.zeros(32, 1, 8)]
     last_bytes = 320 * 8 * 2
     # A CPU at 32 px: each unit's compute dwarfs copying its rows out: all are kept.
-    keep = _worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=2**30)
+    keep = cache.worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=2**30)
     assert keep == [True, True, True, True]
     # A GPU at 224 px: the first units' rows take longer to copy out (at the last one's rate)
     # than to compute again: only the rows that cost more to compute than to copy are kept.
-    keep = _worth_keeping(batch, [0.1, 0.1, 0.5, 0.5], 0.2, 320, torch.float16, room=2**30)
+    keep = cache.worth_keeping(batch, [0.1, 0.1, 0.5, 0.5], 0.2, 320, torch.float16, room=2**30)
     assert keep == [False, False, True, True]  # unit 0: 0.1 s < 0.8 s; unit 1: 0.2 s < 0.4 s
     # RAM for the last unit's rows and then some: passed rows are kept deepest first while
     # they fit, so a GB-sized shallow cut never crowds out the ones near the cut asked for.
-    keep = _worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=last_bytes)
+    keep = cache.worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=last_bytes)
     assert keep == [False, False, False, True]
-    keep = _worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=4 * last_bytes)
+    keep = cache.worth_keeping(batch, [1.0] * 4, 1e-3, 320, torch.float16, room=4 * last_bytes)
     assert keep == [False, True, True, True]
 
 

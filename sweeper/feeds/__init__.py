@@ -13,7 +13,8 @@ statistics either way.
   ``CACHE_MODES`` and ``CACHE_DTYPES`` are the values ``cache.mode`` and ``cache.dtype`` take);
   :func:`test_feed`: the test split alone, for an evaluation after the trial;
 - :func:`prefix_outputs`: one split's outputs at a cut, found or filled (``_fill``: derived
-  from the deepest shallower entry where there is one);
+  from the deepest shallower entry where there is one); :func:`worth_keeping`: which rows a
+  fill passes on its way it keeps too;
 - :class:`Prefix`, :func:`unit_digest`, :func:`split_digest`: what keys an entry (``_keys``);
 - entry files ``<cache.dir>/<key>.feat``, checksummed and written atomically, shared by the
   processes of a machine (``_entries``); ``MEMORY``: this process's RAM tier within
@@ -27,7 +28,7 @@ depend on which trials ran before.
 from sweeper.feeds._entries import DTYPES as CACHE_DTYPES
 from sweeper.feeds._feed import Feed, image_feed
 from sweeper.feeds._feeds import Feeds, Recut
-from sweeper.feeds._fill import prefix_outputs
+from sweeper.feeds._fill import prefix_outputs, worth_keeping
 from sweeper.feeds._keys import Prefix, split_digest, unit_digest
 from sweeper.feeds._memory import MEMORY
 from sweeper.feeds._policy import MODES as CACHE_MODES
@@ -35,4 +36,4 @@ from sweeper.feeds._policy import check_cache, for_trial, test_feed
 
 __all__ = ["CACHE_DTYPES", "CACHE_MODES", "MEMORY", "Feed", "Feeds", "Prefix", "Recut",
            "check_cache", "for_trial", "image_feed", "prefix_outputs", "split_digest",
-           "test_feed", "unit_digest"]
+           "test_feed", "unit_digest", "worth_keeping"]

@@ -55,7 +55,7 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
     keeping; and the seconds each took to compute from ``rows`` (timed unit by unit and summed
     along the way; without ``room`` the times are not waited for on a GPU, and mean nothing).
 
-    The rows after an earlier unit are kept (:func:`_worth_keeping`) where computing them
+    The rows after an earlier unit are kept (:func:`worth_keeping`) where computing them
     costs more than copying them out, as measured on the first batch, and where they fit in
     ``room`` bytes beside the last unit's rows, deepest first: at 32 px they are a few MB and
     save later trials a forward pass; a ResNet-50's at 224 px are GBs a GPU recomputes faster
@@ -99,7 +99,7 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
                 copy(k, x, start)
         if keep is None:
             copy(last, held[last], start)
-            keep = _worth_keeping(held, ran, kept[last], len(rows), dtype, room)
+            keep = worth_keeping(held, ran, kept[last], len(rows), dtype, room)
             for k in range(last):
                 if keep[k]:
                     copy(k, held[k], start)
@@ -110,7 +110,7 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
             [s for o, s in zip(outs, spent, strict=True) if o is not None])
 
 
-def _worth_keeping(batch: list[torch.Tensor], ran: list[float], copy_s: float, n_rows: int,
+def worth_keeping(batch: list[torch.Tensor], ran: list[float], copy_s: float, n_rows: int,
                    dtype: torch.dtype, room: int) -> list[bool]:
     """Which units' rows a fill keeps, decided on its first ``batch`` (the rows after each
     unit), ``ran`` (each unit's seconds on it) and ``copy_s`` (the seconds the last unit's rows
