@@ -88,7 +88,7 @@ def test_a_cut_filled_and_derived_on_the_gpu_matches_the_prefix(make_cfg, output
     torch.testing.assert_close(feed.rows.float(), x.float().cpu(), rtol=5e-2, atol=5e-2)
 
 
-def test_a_fill_at_224_px_keeps_only_the_cut_asked_for(make_cfg, outputs):
+def test_a_fill_at_224_px_keeps_none_of_the_larger_rows_it_passes(make_cfg, outputs):
     # ResNet-50's rows after each layer1 block at 224 px are 1.6 MB an image, twice those at
     # cut 5: the GPU computes them again faster than it copies them out, so a fill at cut 5
     # does not keep them (at 32 px on the CPU it keeps every cut it passes: tests/test_cache.py).
