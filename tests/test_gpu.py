@@ -63,6 +63,13 @@ def test_batches_reach_the_gpu_exactly_from_ram_a_memory_map_and_the_gpu(tmp_pat
     assert torch.equal(dev.upload(feeds["mapped"].rows, device, chunk_bytes=1000).cpu(), rows)
 
 
+def _train_prefix(model, data, dtype: torch.dtype, device: torch.device) -> cache.Prefix:
+    """The train split's frozen prefix on the GPU under bf16 autocast, as a trial keys it."""
+    return cache.Prefix(model, data.train, data.normalize.to(device), dtype, device, True,
+                        cache.split_digest(data.train, data.normalize),
+                        [cache.unit_digest(u) for u in model.frozen_units()])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_a_cut_filled_and_derived_on_the_gpu_matches_the_prefix(make_cfg, outputs, dtype):
     cfg = make_cfg(*ON_GPU)
@@ -71,14 +78,9 @@ def test_a_cut_filled_and_derived_on_the_gpu_matches_the_prefix(make_cfg, output
     torch.manual_seed(0)
     model = dev.place_model(build(cfg.backbone, len(data.classes), 2, None)[0], device)
     normalize = data.normalize.to(device)
-
-    def prefix() -> cache.Prefix:
-        return cache.Prefix(model, data.train, normalize, dtype, device, True,
-                            cache.split_digest(data.train, data.normalize),
-                            [cache.unit_digest(u) for u in model.frozen_units()])
-
-    assert cache.prefix_outputs(prefix(), 3, outputs / "c")[0].source == "filled"
-    feed, _ = cache.prefix_outputs(prefix(), 6, outputs / "c")
+    prefix = _train_prefix(model, data, dtype, device)
+    assert cache.prefix_outputs(prefix, 3, outputs / "c")[0].source == "filled"
+    feed, _ = cache.prefix_outputs(prefix, 6, outputs / "c")
     assert feed.source == "derived from cut 3" and feed.rows.device.type == "cpu"
     with torch.no_grad(), dev.autocast(device, True):
         x = dev.as_input(normalize(data.train.images.to(device)))
@@ -99,9 +101,7 @@ def test_a_fill_at_224_px_keeps_none_of_the_larger_rows_it_passes(make_cfg, outp
     model = dev.place_model(build(cfg.backbone, len(data.classes), 12, None)[0], device)
     assert model.cut == 5
     cache.MEMORY.start_trial(2**36)  # RAM for every passed cut: the cost alone decides
-    prefix = cache.Prefix(model, data.train, data.normalize.to(device), torch.float16, device, True,
-                          cache.split_digest(data.train, data.normalize),
-                          [cache.unit_digest(u) for u in model.frozen_units()])
+    prefix = _train_prefix(model, data, torch.float16, device)
     feed, _ = cache.prefix_outputs(prefix, 5, outputs / "c")
     assert feed.source == "filled" and len(feed) == 480
     written = {p.stat().st_size for p in (outputs / "c").glob("*.feat")}
