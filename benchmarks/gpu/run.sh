@@ -6,7 +6,7 @@
 # within a budget for the whole run ($BUDGET s, default 480, setup included). On an H200 all
 # four take more than one 10-minute call: `study tests` (about 300 s), `bench`, then `readme`.
 #   study   the default study, then its model exported: python -m sweeper.run -m; python -m sweeper.export
-#   tests   the tests marked gpu:           python -m pytest -m gpu
+#   tests   the tests marked gpu:           python -m pytest -m gpu  (GPU_TESTS=EXPR: only -k EXPR)
 #   bench   the GPU benchmark:              python -m benchmarks.gpu_speed
 #   readme  README commands: a ResNet-50 trial, the report, a rerun, a basic sweep, the CPU benchmark
 # Each step's log is $OUT/<step>.log (default OUT=.gpu/out); $OUT/summary.txt has one line per step.
@@ -72,8 +72,9 @@ for s in $steps; do
   case $s in
     study)  step study 120 "$PY" -m sweeper.run -m
             step export 60 "$PY" -m sweeper.export ;;
-    tests)  step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=12 ;;
-    bench)  step bench 420 "$PY" -m benchmarks.gpu_speed ;;
+    tests)  step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=12 \
+                 ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
+    bench)  step bench 480 "$PY" -m benchmarks.gpu_speed ;;
     readme)
       step trial_resnet50 60 "$PY" -m sweeper.run backbone=resnet50 freeze.unfrozen=3 optim.lr_head=0.01
       step report 30 "$PY" -m sweeper.report
