@@ -44,12 +44,15 @@ class Writer:
             future, fn = jobs.get()
             if not future.set_running_or_notify_cancel():
                 continue
+            result = None
             try:
                 result = fn()
             except BaseException as e:  # noqa: BLE001 - the submitter's to raise
                 future.set_exception(e)
             else:
                 future.set_result(result)
+            # What a write held (a state, a GPU's rows) goes now, not when the next one comes.
+            del future, fn, result
 
     def submit(self, fn: Callable[[], object]) -> Future:
         """Run ``fn()`` after the writes submitted before it; its future holds its result or

@@ -7,8 +7,10 @@ whenever it is read, a copied network is the one a fresh build gives, and a job'
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import time
+import weakref
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from sweeper import states
+from sweeper import background, states
 from sweeper.config import compose
 from sweeper.states import StateStore
 from sweeper.tracking import State, Tracker
@@ -33,6 +35,26 @@ def _slow(fn, seconds=0.05):
         time.sleep(seconds)
         return fn(*args, **kwargs)
     return slow
+
+
+def test_a_writer_lets_go_of_what_a_write_held_once_it_is_done():
+    # A cache entry written behind a GPU trial holds that trial's rows (GBs of GPU memory):
+    # they must be freed when the write is done, not when the next write comes.
+    writer = background.Writer("test-writer")
+
+    class Rows:
+        pass
+
+    rows = Rows()
+    gone = weakref.ref(rows)
+    writer.submit(lambda rows=rows: None).result()
+    del rows
+    for _ in range(200):  # (the thread lets go just after it sets the result)
+        gc.collect()
+        if gone() is None:
+            break
+        time.sleep(0.01)
+    assert gone() is None
 
 
 def test_a_background_run_ends_finished_with_everything_written(tracker, monkeypatch):
