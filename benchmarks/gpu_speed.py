@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from benchmarks import freeze_speed as fs
 from sweeper import data as data_mod
 from sweeper import feeds
+from sweeper.background import ENTRIES
 from sweeper.config import compose
 from sweeper.device import resolve_device
 from sweeper.pretrain import resolve_weights
@@ -138,6 +139,7 @@ def depth_row(cfg: DictConfig, data: data_mod.Data, state, origin: str, unfrozen
         net = fs.ours_net(cfg_bn, data, state, origin, unfrozen, device, "target")
         row["bn_val"] = fs.ours_fit(net, data, cfg_bn, device, on_epoch=None)[1]
         del net
+        ENTRIES.drain()  # the entries a fill left on the GPU are written in the background
         shutil.rmtree(bn_dir, ignore_errors=True)
         feeds.MEMORY.clear()
     row["naive_img_s"], row["ours_img_s"] = n_used / row["naive_s"], n_used / row["ours_s"]
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     for line in table_targets(rows, n_units, layer4, verdict):
         print(f"  {line}", flush=True)
     del data
+    ENTRIES.drain()
     shutil.rmtree(work / "cache-table", ignore_errors=True)  # GBs at 224 px; the study fills its own
 
     if args.study != "none":

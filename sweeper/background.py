@@ -1,11 +1,14 @@
 """Writes taken off a trial's critical path: a thread per kind of write, in the order submitted.
 
-A trial's MLflow writes (:class:`sweeper.tracking.Run`) and its kept trained part
-(:class:`sweeper.states.StateStore`) are I/O: SQLite commits that mostly wait for the disk,
-a file of up to tens of MB. Done where they are asked for, they add to every trial's wall
-time; done by a :class:`Writer`, the trial goes on while the disk works. Whoever needs the
-result waits for it (:meth:`Writer.drain`, or the future a write returns): a run is ended only once its
-writes are done, a kept state is read only once it is complete. Queued writes are finished
+A trial's MLflow writes (:class:`sweeper.tracking.Run`), its kept trained part
+(:class:`sweeper.states.StateStore`) and the cache entries it fills on a GPU
+(:mod:`sweeper.feeds`) are I/O: SQLite commits that mostly wait for the disk, a file of up to
+tens of MB, GBs of frozen-prefix outputs copied to the host, checksummed and written. Done
+where they are asked for, they add to every trial's wall time; done by a :class:`Writer`, the
+trial goes on while the disk works. Whoever needs the result waits for it
+(:meth:`Writer.drain`, the future a write returns, or the lock a cache entry's write holds): a
+run is ended only once its writes are done, a kept state is read only once it is complete,
+an entry only once it is written. Queued writes are finished
 before the process exits (:class:`Writer`).
 """
 
@@ -80,10 +83,13 @@ class Writer:
         wait(pending)
 
 
-# The process's writers: MLflow's commits do not queue behind a large state file.
+# The process's writers: MLflow's commits do not queue behind a large state file or entry.
 MLFLOW = Writer("mlflow-writer")
 STATES = Writer("state-writer")
+ENTRIES = Writer("cache-writer")
+atexit.register(ENTRIES.drain)
 atexit.register(STATES.drain)
 atexit.register(MLFLOW.drain)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: (MLFLOW._forget(), STATES._forget()))
+    os.register_at_fork(after_in_child=lambda: (MLFLOW._forget(), STATES._forget(),
+                                                ENTRIES._forget()))

@@ -6,7 +6,9 @@ a tensor already on the GPU would look like it still had to be copied (that is h
 tensor once got pinned). On a GPU:
 
 - rows that every epoch reads (the train and val images or cached frozen-prefix outputs) are
-  copied to the GPU once when they fit :func:`rows_budget`, and batches are gathered there;
+  copied to the GPU once when they fit :func:`rows_budget`, or computed there by a cache fill,
+  and batches are gathered there; a fill's copy for the host is made on a side stream by
+  another thread (:func:`download`);
 - rows that stay on the host (over the budget, or read once) are gathered per batch straight
   into page-locked memory and copied without blocking (:func:`gather`); only tensors on the
   CPU are ever pinned;
@@ -173,18 +175,42 @@ def keep_on_device(nbytes: int, device: torch.device, budget: int) -> bool:
     return device.type == "cuda" and nbytes <= budget
 
 
-def rows_budget(device: torch.device, cap_mb: float | None = None) -> int:
+def rows_budget(device: torch.device, cap_mb: float | None = None, placed: int = 0) -> int:
     """Bytes of rows a trial may keep on ``device``: ``cap_mb`` (``cache.device_budget_mb``)
     when set, else half of the GPU memory free to this process (free on the device plus what
-    its allocator holds unused), leaving the rest to the model's activations and to other
-    processes on the same GPU. 0 on the CPU."""
+    its allocator holds unused, plus the ``placed`` bytes of the trial's rows already there),
+    leaving the rest to the model's activations and to other processes on the same GPU. 0 on
+    the CPU."""
     if device.type != "cuda":
         return 0
     if cap_mb is not None:
         return int(float(cap_mb) * 2**20)
     free, _ = torch.cuda.mem_get_info(device)
     held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return (free + held) // 2
+    return (free + held + placed) // 2
+
+
+def ready_event(device: torch.device) -> torch.cuda.Event | None:
+    """On a GPU, an event after the work queued so far on ``device``'s current stream (for
+    :func:`download` in another thread); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def download(rows: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:
+    """A CPU copy of ``rows`` once ``ready`` (:func:`ready_event`) has passed, for a thread
+    other than the training loop's: on a GPU it is copied on a side stream, so the training
+    stream does not wait for it (the host memory's first touch costs about 1 s per GB)."""
+    if rows.device.type != "cuda":
+        return rows
+    side = torch.cuda.Stream(rows.device)
+    if ready is not None:
+        side.wait_event(ready)
+    with torch.cuda.stream(side):
+        return rows.to("cpu")
 
 
 def _count(rows: torch.Tensor, idx: torch.Tensor | slice) -> int:

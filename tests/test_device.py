@@ -3,8 +3,9 @@ what is pinned, what is copied to the GPU once, what stays where it is.
 
 The first CUDA run of the project crashed on exactly such a decision (rows already on
 ``cuda:0`` compared unequal to a bare ``cuda`` and were pinned); these tests catch that class
-of mistake without a GPU. Only three ``torch.cuda`` queries are stood in for, never torch's
-tensors or copies; what needs a real GPU is in ``tests/test_gpu.py`` (``pytest -m gpu``).
+of mistake without a GPU. Only ``torch.cuda``'s queries (is there a GPU, how many, how much
+memory is free) are stood in for, never torch's tensors or copies; what needs a real GPU is
+in ``tests/test_gpu.py`` (``pytest -m gpu``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,22 @@ def test_rows_every_epoch_reads_go_to_the_gpu_once_when_they_fit():
     assert dev.rows_budget(CPU) == 0
     assert dev.rows_budget(CUDA0, cap_mb=0) == 0  # cache.device_budget_mb=0: every batch copied
     assert dev.rows_budget(CUDA0, cap_mb=1.5) == int(1.5 * 2**20)
+
+
+def test_rows_a_fill_left_on_the_gpu_count_as_the_budget_they_took(monkeypatch):
+    gb = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * gb)
+    # half of what is free to the process: 8 GB free on the device + 1 GB its allocator holds unused
+    assert dev.rows_budget(CUDA0) == 9 * gb // 2
+    # 2 GB of the trial's rows a cache fill left there count as free, as before they were
+    # made: the trial places its rows within the same budget, whoever put them there
+    assert dev.rows_budget(CUDA0, placed=2 * gb) == 11 * gb // 2
+    assert dev.rows_budget(CUDA0, cap_mb=1024, placed=2 * gb) == gb  # a cap holds them all
+    # the CPU has no second copy to make: no event to wait for, the rows are the host's
+    rows = torch.arange(6)
+    assert dev.ready_event(CPU) is None and dev.download(rows, None) is rows
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")

@@ -108,6 +108,26 @@ def test_a_fill_at_224_px_keeps_none_of_the_larger_rows_it_passes(make_cfg, outp
     assert max(written) <= (outputs / "c" / f"{prefix.key(5)}.feat").stat().st_size
 
 
+def test_a_fill_the_trial_keeps_on_the_gpu_is_written_behind_it(make_cfg, outputs):
+    # The rows stay on the GPU for the trial (no copy out and back); the entry file is written
+    # from a copy in the background, and whoever wants the entry meanwhile waits for it.
+    cfg = make_cfg(*ON_GPU)
+    device = dev.resolve_device("cuda")
+    data = data_mod.load(cfg.dataset)
+    model = dev.place_model(build(cfg.backbone, len(data.classes), 2, None)[0], device)
+    cache.MEMORY.start_trial(2**30)
+    prefix = _train_prefix(model, data, torch.float16, device)
+    feed, _ = cache.prefix_outputs(prefix, model.cut, outputs / "c", device_room=2**30)
+    assert feed.source == "filled" and feed.rows.device == feed.labels.device == device
+    cache.MEMORY.clear()  # (the writer may put its copy back in RAM after this)
+    again, _ = cache.prefix_outputs(prefix, model.cut, outputs / "c")
+    assert again.source.startswith("hit") and again.rows.device.type == "cpu"
+    assert torch.equal(again.rows, feed.rows.cpu())
+    # without room on the GPU the rows come to the host, as every fill's do on the CPU
+    cut = model.cut - 1
+    assert cache.prefix_outputs(prefix, cut, outputs / "c")[0].rows.device.type == "cpu"
+
+
 @pytest.mark.parametrize("overrides", [
     ["freeze.unfrozen=2"],  # cached train/val/test, kept on the GPU
     ["freeze.unfrozen=9"],  # nothing frozen: images on the GPU, whole model every step

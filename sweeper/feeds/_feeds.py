@@ -55,10 +55,11 @@ class Source:
     why_not: dict[str, str]  # split -> why it is fed as images ("" when it may be cached)
     prefixes: dict[str, Prefix] = field(default_factory=dict)  # made at a split's first entry
 
-    def at(self, name: str, cut: int) -> tuple[Feed, float]:
+    def at(self, name: str, cut: int, device_room: int = 0) -> tuple[Feed, float]:
         """The split's rows at ``cut``, whose units below it are as at the start: the shared
         entry there, or images when it is not cached. Returns the feed and the time spent
-        filling shared entries."""
+        filling shared entries. A fill whose rows fit ``device_room`` bytes on the GPU
+        leaves them there (:func:`sweeper.feeds.prefix_outputs`)."""
         why = self.why_not[name] or ("nothing frozen" if cut == 0 else "")
         if why:
             return image_feed(self.model, self.splits[name], self.normalize,
@@ -70,7 +71,7 @@ class Source:
                          None) or [unit_digest(u) for u in self.model.units[:cut]]
             self.prefixes[name] = Prefix(self.model, split, self.normalize, self.dtype, self.device,
                                          self.amp, split_digest(split, self.normalize), units)
-        feed, spent = prefix_outputs(self.prefixes[name], cut, self.directory)
+        feed, spent = prefix_outputs(self.prefixes[name], cut, self.directory, device_room)
         log.info("Feature cache: %s at cut %d %s (%.1f MB%s, fill cost %.2fs)", name, cut,
                  feed.source, feed.nbytes / 2**20, ", memory-mapped" if feed.mapped else "",
                  feed.fill_time_s)
@@ -166,12 +167,13 @@ class Feeds:
 
     def place(self, device: torch.device, cut: int) -> tuple[float, float]:
         """Copy the train rows, then the val rows, to ``device`` once for the trial where they
-        fit its budget (:func:`sweeper.device.rows_budget`; none on the CPU); ``cut`` is the
-        model's at the start (the units below it are as pretrained). Returns the seconds each
-        copy took."""
+        fit its budget (:func:`sweeper.device.rows_budget`; none on the CPU), which rows a fill
+        left there already count against; ``cut`` is the model's at the start (the units below
+        it are as pretrained). Returns the seconds each copy took."""
         self.device = device
         self.lowest_cut = cut if self.lowest_cut is None else min(cut, self.lowest_cut)
-        self.budget = rows_budget(device, self.device_budget_mb)
+        placed = sum(f.size_bytes for f in (self.train, self.val) if f.rows.device.type != "cpu")
+        self.budget = rows_budget(device, self.device_budget_mb, placed) - placed
         times = []
         for name in ("train", "val"):
             with timing.measure(device) as copy:
@@ -221,8 +223,9 @@ class Feeds:
             # Units unfrozen: the rows must start lower. Below the lowest unit this run has
             # trained the units are as pretrained: the shared cache has them (or images).
             assert self.source is not None, "cached rows come with their source"
+            room = self.budget + (feed.size_bytes if feed.rows.device.type != "cpu" else 0)
             with timing.measure(self.device) as got:
-                base, filled_s = self.source.at(name, min(cut, lowest))
+                base, filled_s = self.source.at(name, min(cut, lowest), room)
             shared_s, fill_s = got.s, base.fill_time_s
         if base.cut < cut and worth_caching and self.source is not None:
             # Units base.cut..cut-1 are frozen now, and this run trained them: a per-run entry.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -11,34 +12,44 @@ class _Memory:
     """Entries held in this process's RAM, least recently used first, within a byte budget.
 
     Entries the current trial uses are never evicted for another one (that would keep both
-    alive): a new entry that does not fit beside them is memory-mapped instead.
+    alive): a new entry that does not fit beside them is memory-mapped instead. Thread-safe:
+    the cache's background writer adds the entries a GPU fill kept on the device.
     """
 
     def __init__(self) -> None:
         self.entries: OrderedDict[str, tuple[torch.Tensor, dict]] = OrderedDict()
         self.in_use: set[str] = set()
         self.budget = 0
+        self.lock = threading.RLock()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t, _ in self.entries.values())
+        with self.lock:
+            return sum(t.numel() * t.element_size() for t, _ in self.entries.values())
 
     def start_trial(self, budget: int) -> None:
-        self.budget = budget
-        self.in_use.clear()
+        with self.lock:
+            self.budget = budget
+            self.in_use.clear()
 
     def get(self, key: str) -> tuple[torch.Tensor, dict] | None:
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            self.in_use.add(key)
-            return self.entries[key]
-        return None
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                self.in_use.add(key)
+                return self.entries[key]
+            return None
 
     def put(self, key: str, rows: torch.Tensor, meta: dict, spare: bool = False) -> bool:
         """Keep ``rows`` if they fit the budget (evicting older entries); False if they do not.
 
-        ``spare``: rows no trial asked for yet (a fill passed them on its way): kept only where
-        they fit beside the entries already held, evicting none, and not marked in use."""
+        ``spare``: rows no trial asked for yet (a fill passed them on its way), or the host copy
+        of rows a trial holds on the GPU: kept only where they fit beside the entries already
+        held, evicting none, and not marked in use."""
+        with self.lock:
+            return self._put(key, rows, meta, spare)
+
+    def _put(self, key: str, rows: torch.Tensor, meta: dict, spare: bool) -> bool:
         size = rows.numel() * rows.element_size()
         if spare:
             if key in self.entries or self.nbytes + size > self.budget:
@@ -57,8 +68,9 @@ class _Memory:
         return True
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.in_use.clear()
+        with self.lock:
+            self.entries.clear()
+            self.in_use.clear()
 
 
 MEMORY = _Memory()

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from sweeper.data import Augment, Data
+from sweeper.device import rows_budget
 from sweeper.errors import UserError
 from sweeper.feeds._entries import DTYPES
 from sweeper.feeds._feed import Feed
@@ -62,7 +63,8 @@ def for_trial(model: FreezeNet, data: Data, cache: DictConfig | None, augment: A
     """
     budget_mb = _device_budget_mb(cache)
     names = SPLITS if test else ("train", "val")
-    source, out, filled_s = _feeds(model, data, cache, augment, device, amp, names, test_cut)
+    source, out, filled_s = _feeds(model, data, cache, augment, device, amp, names, test_cut,
+                                   rows_budget(device, budget_mb))
     # The digests of the units frozen at the start (a shared entry's key has them; the first
     # entry made is at the highest cut the run starts from).
     units = next(iter(source.prefixes.values())).units if source.prefixes else (
@@ -90,10 +92,11 @@ def test_feed(model: FreezeNet, data: Data, cache: DictConfig | None, device: to
 
 
 def _feeds(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augment | None,
-           device: torch.device, amp: bool, names: tuple[str, ...], test_cut: int | None
-           ) -> tuple[Source, dict[str, Feed], float]:
+           device: torch.device, amp: bool, names: tuple[str, ...], test_cut: int | None,
+           device_room: int = 0) -> tuple[Source, dict[str, Feed], float]:
     """Where the splits' rows come from, the feeds of splits ``names``, and the time spent
-    filling them."""
+    filling them. Train, then val, are filled on the GPU where they fit ``device_room``
+    bytes, as :meth:`Feeds.place` would then copy them there."""
     mode = cache_mode(cache)
     amp = amp and device.type == "cuda"  # bf16 autocast runs on CUDA only (sweeper.train)
     random_train = augment is not None and augment.random
@@ -120,6 +123,8 @@ def _feeds(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augm
     filled_s = 0.0
     for name in names:
         cut = model.cut if name != "test" or test_cut is None else test_cut
-        out[name], spent = source.at(name, cut)
+        out[name], spent = source.at(name, cut, device_room if name != "test" else 0)
+        if out[name].rows.device.type != "cpu":
+            device_room -= out[name].size_bytes
         filled_s += spent
     return source, out, filled_s
