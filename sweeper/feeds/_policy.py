@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from sweeper.data import Augment, Data
-from sweeper.device import rows_budget
+from sweeper.device import keep_on_device, rows_budget
 from sweeper.errors import UserError
 from sweeper.feeds._entries import DTYPES
 from sweeper.feeds._feed import Feed
@@ -124,7 +124,7 @@ def _feeds(model: FreezeNet, data: Data, cache: DictConfig | None, augment: Augm
     for name in names:
         cut = model.cut if name != "test" or test_cut is None else test_cut
         out[name], spent = source.at(name, cut, device_room if name != "test" else 0)
-        if out[name].rows.device.type != "cpu":
-            device_room -= out[name].size_bytes
+        if name != "test" and keep_on_device(out[name].size_bytes, device, device_room):
+            device_room -= out[name].size_bytes  # there already, or Feeds.place copies it there
         filled_s += spent
     return source, out, filled_s
