@@ -204,6 +204,20 @@ def test_two_processes_filling_one_entry_leave_one_valid_entry(outputs, tmp_path
     assert torch.equal(a, b)
 
 
+def test_an_entry_key_follows_the_images_also_changed_in_place(make_cfg):
+    # A study's trials share the decoded images, which hash once; images changed in place
+    # (a user's own data pipeline) must never find the entries of what they were before.
+    data = data_mod.load(make_cfg().dataset)
+    images = data.train.images.clone()
+    split = data_mod.Split(images, data.train.labels)
+    before = cache.split_digest(split, data.normalize)
+    assert cache.split_digest(split, data.normalize) == before
+    images[0] ^= 1
+    after = cache.split_digest(split, data.normalize)
+    assert after != before
+    assert after == cache.split_digest(data_mod.Split(images.clone(), split.labels), data.normalize)
+
+
 def test_a_truncated_or_corrupt_entry_is_rebuilt(make_cfg, outputs, caplog):
     cfg = make_cfg()
     data = data_mod.load(cfg.dataset)
