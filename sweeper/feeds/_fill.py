@@ -269,7 +269,6 @@ def _write_later(prefix: Prefix, directory: Path, lock: FileLock, key: str, rows
     write that fails costs only the entry (the trial has its rows): it is logged."""
     try:
         host = download(rows, ready)
-        del rows  # the trial's copy on the GPU is the trial's to free
         path = directory / f"{key}.feat"
         MEMORY.put(key, host, entries.write(path, key, host, meta), spare=True)
         _write_passed(prefix, directory, passed)
