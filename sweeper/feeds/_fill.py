@@ -85,7 +85,8 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
             x = prepare(gather(rows, slice(0, FILL_BATCH), device))
             for unit in units:
                 x = unit(layout(x, training=False))
-    keep: list[bool] | None = None if timed else [k == last for k in range(steps)]
+    only_last = [k == last for k in range(steps)]
+    keep: list[bool] | None = None if timed else only_last
     outs: list[torch.Tensor | None] = [None] * steps
     ran, kept = [0.0] * steps, [0.0] * steps  # each unit's time, each output's copy
 
@@ -116,7 +117,7 @@ def _run_each(units: list[nn.Module], rows: torch.Tensor,
         if keep is None:
             copy(last, held[last], start)
             keep = (worth_keeping(held, ran, kept[last], len(rows), dtype, room)
-                    if outs[last].device.type == "cpu" else [k == last for k in range(steps)])
+                    if outs[last].device.type == "cpu" else only_last)
             for k in range(last):
                 if keep[k]:
                     copy(k, held[k], start)
@@ -236,8 +237,8 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path,
                 # lets the lock go (a process or trial that wants the entry waits for it).
                 lock.acquire()  # held once more, for the writer to release
                 ready = ready_event(rows.device)
-                ENTRIES.submit(lambda: _write_later(prefix, directory, lock, key, rows, meta,
-                                                    passed, ready))
+                # (such a fill keeps no passed cut: _run_each)
+                ENTRIES.submit(lambda: _write_later(directory, lock, key, rows, meta, ready))
                 return Feed(rows, labels.to(rows.device), rows_prepare(prefix.model, cut), how,
                             meta["fill_time_s"], rows.numel() * rows.element_size(),
                             cut=cut), spent
@@ -261,8 +262,7 @@ def _write_passed(prefix: Prefix, directory: Path, passed: list[tuple[int, torch
                        spare=True)
 
 
-def _write_later(prefix: Prefix, directory: Path, lock: FileLock, key: str, rows: torch.Tensor,
-                 meta: dict, passed: list[tuple[int, torch.Tensor, dict]],
+def _write_later(directory: Path, lock: FileLock, key: str, rows: torch.Tensor, meta: dict,
                  ready: torch.cuda.Event | None) -> None:
     """The background half of a fill that left its rows on the GPU: the entry written from a
     host copy (kept in RAM where it fits beside what is there), then ``lock`` released. A
@@ -271,7 +271,6 @@ def _write_later(prefix: Prefix, directory: Path, lock: FileLock, key: str, rows
         host = download(rows, ready)
         path = directory / f"{key}.feat"
         MEMORY.put(key, host, entries.write(path, key, host, meta), spare=True)
-        _write_passed(prefix, directory, passed)
     except (UserError, OSError, RuntimeError) as e:
         log.warning("Feature cache: the entry %s was not written (%s); the trial that filled "
                     "it goes on, and the next one to need it fills it again", key, e)
