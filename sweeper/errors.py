@@ -123,17 +123,41 @@ def first_line(error: BaseException) -> str:
     return line or type(error).__name__
 
 
+def _to_log_files(record: logging.LogRecord) -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 def log_trace(logger: logging.Logger, error: BaseException, what: str) -> None:
     """``error``'s stack trace, for the log files only (Hydra's job log ``<job>.log``): the
     console gets the one-line reason, the file keeps what a developer needs."""
-    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    if not handlers:
-        return
-    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s, its trace:", (what,),
-                               (type(error), error, error.__traceback__))
-    for handler in handlers:
-        if record.levelno >= handler.level:
-            handler.handle(record)
+    _to_log_files(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s, its trace:",
+                                    (what,), (type(error), error, error.__traceback__)))
+
+
+def _by_an_interrupt(error: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class InterruptTracesToLogFiles(logging.Filter):
+    """On a library's logger: a record whose exception an interrupt caused goes to the log
+    files only. Ctrl-C in the middle of a query makes SQLAlchemy log, at ERROR and with a
+    trace, that it could not close the cursor of the connection it has just dropped; the user
+    who pressed Ctrl-C should see only the line that says what was kept
+    (:func:`exit_interrupted`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _by_an_interrupt(record.exc_info[1]):
+            _to_log_files(record)
+            return False
+        return True
 
 
 def cannot_write(what: str, path: Path | str, error: OSError, setting: str) -> UserError:

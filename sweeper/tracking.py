@@ -30,16 +30,19 @@ from mlflow.entities import Param as MlflowParam
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
-from sqlalchemy import event
+from sqlalchemy import event, pool
 from sqlalchemy.pool import Pool
 
 from sweeper import background
 from sweeper.config import resolved
-from sweeper.errors import UserError, first_line
+from sweeper.errors import InterruptTracesToLogFiles, UserError, first_line
 
 log = logging.getLogger(__name__)
 for _noisy in ("alembic", "mlflow.store.db.utils"):  # schema set-up chatter on a new store
     logging.getLogger(_noisy).setLevel(logging.WARNING)
+# A store's pool logs through its class's logger (SQLAlchemy's default, without echo_pool)
+for _pool in (pool.QueuePool, pool.NullPool, pool.SingletonThreadPool, pool.StaticPool):
+    logging.getLogger(f"{_pool.__module__}.{_pool.__name__}").addFilter(InterruptTracesToLogFiles())
 
 PACKAGES = ("sweeper", "torch", "torchvision", "timm", "hydra-core", "optuna", "mlflow")
 # The checkout this code runs from, when it does (an editable install); an installed wheel has

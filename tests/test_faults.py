@@ -4,9 +4,12 @@ clear message and a non-zero exit (nothing already recorded lost), or works as d
 from __future__ import annotations
 
 import errno
+import io
+import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -219,6 +222,45 @@ def _stopped(cmd: list[str], mlflow_client, sig: int = signal.SIGINT,
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out, err
+
+
+def test_a_trace_that_ctrl_c_causes_in_the_mlflow_store_goes_to_the_log_file_only(tmp_path):
+    """Ctrl-C in the middle of a query of the MLflow store: SQLAlchemy drops the connection,
+    cannot close its cursor, and logs that at ERROR with a trace, through its pool's logger
+    (as ``Connection._safe_close_cursor`` does). The console keeps to the one line that says
+    what was kept; the job's log file keeps the trace; an error of the store that no interrupt
+    caused still shows."""
+    import sqlalchemy
+
+    import sweeper.tracking  # noqa: F401 - a command's loggers, as it has them
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    console, log_file = io.StringIO(), tmp_path / "job.log"
+    handlers = [logging.StreamHandler(console), logging.FileHandler(log_file)]
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            try:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            except sqlite3.ProgrammingError:
+                engine.pool.logger.error("Error closing cursor", exc_info=True)
+        assert console.getvalue() == ""
+        try:
+            raise sqlite3.OperationalError("disk I/O error")
+        except sqlite3.OperationalError:
+            engine.pool.logger.error("Exception during reset or similar", exc_info=True)
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    assert "Exception during reset" in console.getvalue() and "disk I/O" in console.getvalue()
+    assert "Error closing cursor" not in console.getvalue()
+    logged = log_file.read_text()
+    assert "Error closing cursor" in logged and "KeyboardInterrupt" in logged
 
 
 def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs, mlflow_client):
