@@ -66,11 +66,27 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(task_config(cfg), resolve=True, enum_to_str=True)
 
 
-def config_yaml(tree: dict[str, Any]) -> str:
-    """A :func:`resolved` config as YAML: the text ``OmegaConf.to_yaml(cfg, resolve=True)``
-    gives for the config it came from (the same dumper and options)."""
+class _Dumper(getattr(yaml, "CDumper", yaml.Dumper)):  # type: ignore[misc]
+    """OmegaConf's YAML dumper on LibYAML's emitter, where PyYAML has it: the same
+    representation (strings that read as bools or numbers quoted), emitted in C."""
+
+
+_Dumper.add_representer(str, get_omega_conf_dumper().str_representer)
+
+
+def yaml_text(tree: Any) -> str:
+    """A config's plain containers as YAML, as ``OmegaConf.to_yaml`` writes them (same
+    options, same quoting, the same data read back) but about three times faster: a trial
+    writes four such files (its ``.hydra/`` files and its MLflow ``config.yaml``). Only how a
+    long quoted string folds across lines may differ."""
     return yaml.dump(tree, default_flow_style=False, allow_unicode=True, sort_keys=False,
-                     Dumper=get_omega_conf_dumper())
+                     Dumper=_Dumper)
+
+
+def config_yaml(tree: dict[str, Any]) -> str:
+    """A :func:`resolved` config as YAML: what ``OmegaConf.to_yaml(cfg, resolve=True)`` writes
+    for the config it came from (:func:`yaml_text`)."""
+    return yaml_text(tree)
 
 
 def task_config(cfg: DictConfig) -> DictConfig:

@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -205,7 +206,8 @@ def test_each_trial_job_holds_the_config_hydra_composes_for_it(cli, outputs):
         assert list(hydra.overrides.task) == overrides
         assert str(hydra.job.num) == folder.parent.name
         want = compose("config", [*hydra.overrides.hydra, *overrides])
-        assert (folder / "config.yaml").read_text() == OmegaConf.to_yaml(want)
+        assert yaml.safe_load((folder / "config.yaml").read_text()) == yaml.safe_load(
+            OmegaConf.to_yaml(want))
 
 
 @pytest.mark.parametrize("overrides", [[], ["dataset=digits", "freeze=gradual"],
@@ -216,8 +218,24 @@ def test_a_config_resolved_once_is_written_as_omegaconf_writes_it(overrides):
     from sweeper.tracking import config_params
 
     cfg = compose("config", overrides)
-    assert config_yaml(resolved(cfg)) == OmegaConf.to_yaml(cfg, resolve=True)
+    assert yaml.safe_load(config_yaml(resolved(cfg))) == yaml.safe_load(
+        OmegaConf.to_yaml(cfg, resolve=True))
     assert config_params(resolved(cfg)) == config_params(cfg)
+
+
+def test_config_yaml_reads_back_as_omegaconf_writes_it():
+    # the .hydra/ files and MLflow's config.yaml: strings that read as other types stay
+    # strings, long ones with runs of spaces and line breaks come back whole
+    from sweeper.config import yaml_text
+
+    long = "python -m sweeper.run freeze.unfrozen=2            one trial\n  and more,   " * 4
+    tree = {"a": {"yes": "true", "one": "1", "float": "1e-3", "none": "null", "empty": "",
+                  "interp": "${paths.outputs}/data", "long": long, "unicode": "µs ≤ 0.25",
+                  "list": [1, "2", 3.5, None, True], "nested": {"k": [{"x": "off"}]}}}
+    text = yaml_text(tree)
+    assert yaml.safe_load(text) == tree
+    assert yaml.safe_load(text) == yaml.safe_load(OmegaConf.to_yaml(OmegaConf.create(tree)))
+    assert OmegaConf.create(text) == OmegaConf.create(tree)
 
 
 def test_a_trial_config_with_more_plain_overrides_is_the_last_one_with_them_set():

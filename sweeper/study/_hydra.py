@@ -37,7 +37,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from sweeper.config import task_config
+from sweeper.config import task_config, yaml_text
 from sweeper.errors import UserError, exit_user_error
 from sweeper.study._runner import StudyRunner
 from sweeper.study._schema import check_settings
@@ -164,7 +164,8 @@ class HydraSweeper:
                 folder.mkdir(parents=True, exist_ok=True)
                 for node, name in ((task_cfg, "config.yaml"), (hydra.cfg, "hydra.yaml"),
                                    (cfg.hydra.overrides.task, "overrides.yaml")):
-                    (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+                    (folder / name).write_text(
+                        yaml_text(OmegaConf.to_container(node, enum_to_str=True)), encoding="utf-8")
             callbacks = self.hydra_context.callbacks
             with env_override(cfg.hydra.job.env_set):
                 callbacks.on_job_start(config=cfg, task_function=self.task_function)
