@@ -41,6 +41,48 @@ def finish(proc: subprocess.Popen, outputs: Path, log_name: str = "sweep",
     assert rc == 0, text[-4000:]
 
 
+def test_the_journal_syncs_what_a_study_resumes_from_and_optuna_reads_it(tmp_path, monkeypatch):
+    """The study's journal waits for the disk (fsync) after a study's or a trial's creation,
+    parameters and end, and not after what only a running trial writes (reports, attributes):
+    the next sync makes those durable with it. Optuna's own backend reads the file whole."""
+    import json
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from sweeper.storage import open_storage
+
+    path = tmp_path / "journal.log"
+    synced: list[int] = []  # the op code of the journal's last line at each fsync
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(json.loads(path.read_text().splitlines()[-1])["op_code"])
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    study = optuna.create_study(storage=open_storage(str(path)), study_name="s")
+    study.set_user_attr("sampler", "depth")
+    trial = study.ask()
+    x = trial.suggest_float("x", 0.0, 1.0)
+    for step in range(3):
+        trial.report(0.1 * step, step)
+    trial.set_user_attr("train_time_s", 1.5)
+    study.tell(trial, 0.5)
+    monkeypatch.undo()
+
+    ops = [json.loads(line)["op_code"] for line in path.read_text().splitlines()]
+    running = {7, 8, 9}  # a report, a trial's user or system attribute
+    assert synced == [op for op in ops if op not in running]  # each of the others, at once
+    assert ops[-1] not in running and ops.count(7) == 3  # ... the last one with the reports
+    again = optuna.load_study(study_name="s",
+                              storage=JournalStorage(JournalFileBackend(str(path))))
+    (read,) = again.trials
+    assert read.state == TrialState.COMPLETE and read.params == {"x": x} and read.value == 0.5
+    assert read.intermediate_values == {0: 0.0, 1: 0.1, 2: 0.2}
+    assert read.user_attrs == {"train_time_s": 1.5} and again.user_attrs == {"sampler": "depth"}
+
+
 def test_no_barrier_with_joblib(outputs, mlflow_client):
     """n_jobs=2: while one long trial runs, the other worker runs all the short ones."""
     from sweeper.storage import open_storage
