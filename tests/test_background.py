@@ -223,6 +223,42 @@ def test_a_config_resolved_once_is_written_as_omegaconf_writes_it(overrides):
     assert config_params(resolved(cfg)) == config_params(cfg)
 
 
+def test_a_trials_resolved_config_is_what_omegaconf_resolves(monkeypatch):
+    """A trial after another resolves to what OmegaConf resolves for it: also when it changes
+    a value an interpolation reads, its shape, an environment variable the config reads, or
+    uses a resolver that gives another value each time."""
+    import itertools
+
+    from sweeper.config import compose, resolved
+
+    counter = itertools.count()
+    OmegaConf.register_new_resolver("test_counter", lambda: next(counter), replace=True)
+    trials = [[], ["freeze.unfrozen=3", "optim.lr_head=0.1"],
+              ["freeze.unfrozen=3", "optim.lr_head=0.1", "trainer.seed=2", "dataset.split_seed=3"],
+              ["trainer.device=cpu"],  # read by source.trainer.device
+              ["trainer.device=cpu", "dataset.image_size=48"],  # ... source.dataset.image_size
+              ["paths.outputs=/x"], ["paths.cache=/c", "freeze.unfrozen=1"],
+              ["backbone=resnet50"], ["backbone=timm", "backbone.arch=resnet18"],
+              ["backbone=timm", "backbone.arch=resnet34"],  # sweeper.num_units reads backbone
+              ["freeze.unfrozen=2"], ["+extra.n=${test_counter:}"], ["+extra.n=${test_counter:}"],
+              ["+extra.n=${test_counter:}", "freeze.unfrozen=4"], ["freeze.unfrozen=5"], "env"]
+    for overrides in trials:
+        if overrides == "env":
+            monkeypatch.setenv("SWEEPER_OUTPUTS", "/elsewhere")
+            overrides = ["freeze.unfrozen=6"]
+        cfg = compose("config", overrides)
+        got = resolved(cfg)
+        want = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                      resolve=True, enum_to_str=True)
+        if "extra" in want:  # the counter moved on: the trial got a value of its own
+            assert got["extra"]["n"] == want["extra"]["n"] - 1
+            got["extra"]["n"] = want["extra"]["n"]
+        assert got == want, overrides
+        got["freeze"]["unfrozen"] = -1  # the caller's own copy
+        assert resolved(cfg)["freeze"]["unfrozen"] == want["freeze"]["unfrozen"]
+    assert got["paths"]["data"] == "/elsewhere/data"
+
+
 def test_config_yaml_reads_back_as_omegaconf_writes_it():
     # the .hydra/ files and MLflow's config.yaml: strings that read as other types stay
     # strings, long ones with runs of spaces and line breaks come back whole
