@@ -68,7 +68,7 @@ class Journal(JournalFileBackend):
     its progress, its attributes) is appended without a sync of its own: the next synced
     append makes it durable with it (a file's sync writes all of it), and a trial that never
     got that far is failed as lost and runs again anyway. A process that is killed loses
-    nothing either way (its writes are in the kernel's hands). About two thirds of a default
+    nothing either way (its writes are in the kernel's hands). About three quarters of a default
     study's thousand journal writes, each of which waited for the disk.
 
     The same file, lines and lock (:class:`~optuna.storages.journal.JournalFileSymlinkLock`)
