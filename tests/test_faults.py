@@ -264,7 +264,9 @@ def test_a_trace_that_ctrl_c_causes_in_the_mlflow_store_goes_to_the_log_file_onl
 
 
 def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs, mlflow_client):
-    overrides = ("hydra.sweeper.n_trials=2", "trainer.epochs=5")
+    # 40 epochs: a trial trains for seconds, so that Ctrl-C, sent once its run has logged its
+    # first metrics, lands inside it (at 5 epochs it sometimes landed after the trial's end)
+    overrides = ("hydra.sweeper.n_trials=2", "trainer.epochs=40")
     rc, out, err = _stopped(_sweep_cmd(outputs, *overrides), mlflow_client)
     assert rc == 130, err[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
