@@ -445,9 +445,12 @@ def _at_most(picks: list[torch.Tensor], count) -> list[torch.Tensor]:
     return picks if count is None else [p[: int(count)] for p in picks]
 
 
-# Datasets decoded in this process, by their resolved config: the trials of a study use the
-# same one, one after the other. One entry is kept.
+# Datasets loaded in this process, by their resolved config, the last used last: a study's
+# trials use a few in turn (its repeats move between splits, split_seed). Kept while their
+# images (counted per dataset, test included) take at most _KEEP_BYTES, and at most _KEEP
+# of them; the last one used is always kept.
 _LOADED: dict[str, Data] = {}
+_KEEP, _KEEP_BYTES = 16, 512 * 2**20
 # The sources of a decoded kind (Kind.decoded) and the test splits drawn from them, by what
 # decides them: a study's repeats on other splits (split_seed) draw from the same images, and
 # are tested on the same ones. One source is kept.
@@ -469,11 +472,18 @@ def load(cfg: DictConfig) -> Data:
     """
     kind = check(cfg)
     key = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
-    if key not in _LOADED:
+    data = _LOADED.pop(key, None)
+    if data is None:
         data = _load(cfg, kind)
-        _LOADED.clear()
-        _LOADED[key] = data
-    return replace(_LOADED[key])
+    _LOADED[key] = data
+    while len(_LOADED) > 1 and (len(_LOADED) > _KEEP
+                                or sum(map(_nbytes, _LOADED.values())) > _KEEP_BYTES):
+        del _LOADED[next(iter(_LOADED))]
+    return replace(data)
+
+
+def _nbytes(data: Data) -> int:
+    return sum(s.images.nbytes for s in (data.train, data.val, data.test))
 
 
 def _sources(cfg: DictConfig, kind: Kind) -> tuple[Sources, str | None]:

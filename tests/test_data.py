@@ -35,6 +35,9 @@ def test_fashion_mnist_offline_from_debian_package(make_cfg):
     # and a process decodes the images once: another split draws from them, its test split
     # is the same tensors (a study's repeats on other splits do not read the files again)
     assert other.test.images.data_ptr() == d.test.images.data_ptr()
+    # and repeats that move between splits draw each one once
+    back = data.load(cfg.dataset)
+    assert back.train.images.data_ptr() == d.train.images.data_ptr()
 
 
 def test_normalize_makes_three_channels_on_the_batch():
