@@ -472,13 +472,15 @@ class Run:
     def tags(self, tags: Mapping[str, Any]) -> None:
         self._add("tags", [RunTag(str(k), str(v)) for k, v in tags.items()])
 
-    def metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def metrics(self, metrics: Mapping[str, float], step: int = 0, last: bool = False) -> None:
+        """Log ``metrics`` at ``step``; ``last``: the run ends next, so they are kept for the
+        write :meth:`end` makes (one write instead of a second one it would wait for)."""
         now = int(time.time() * 1000)
-        self._add("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self._add("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()], last)
 
-    def _add(self, kind: str, items: list) -> None:
+    def _add(self, kind: str, items: list, keep: bool = False) -> None:
         self._pending[kind].extend(items)
-        if time.monotonic() - self._last_write >= self.flush_every_s:
+        if not keep and time.monotonic() - self._last_write >= self.flush_every_s:
             self.flush()
 
     def flush(self) -> None:

@@ -192,6 +192,10 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
     cache_metrics = {**fed.metrics(), **time.cache_metrics()}
     run.metrics(cache_metrics)
 
+    # Without a test pass to follow, the last epoch's metrics wait for the run's end: one
+    # write with the final metrics, instead of one more that the end would wait for.
+    ends_after = int(cfg.trainer.epochs) if keep is not None else None
+
     def epoch_done(s: EpochStats) -> None:
         # The caller first (a study's pruning report), then the epoch's metrics, which may
         # hand a batch to the MLflow writer thread: a report made while that thread runs
@@ -200,7 +204,7 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
             if on_epoch is not None:
                 on_epoch(s)
         finally:
-            run.metrics(s.metrics(), step=s.epoch)
+            run.metrics(s.metrics(), step=s.epoch, last=s.epoch == ends_after)
 
     result = fit(model, data, cfg.trainer, cfg.optim, device, on_epoch=epoch_done, feeds=fed,
                  time=time, schedule=plan)
@@ -218,7 +222,7 @@ def _train_and_test(cfg: DictConfig, run: Run, device: torch.device,
                   digests[:model.cut] if digests is not None and len(digests) >= model.cut
                   else None, background=True)  # the model is not used after this
     final.update({**time.totals(), "peak_memory_mb": peak_memory_mb(device)})
-    run.metrics(final, step=len(result.epochs))
+    run.metrics(final, step=len(result.epochs), last=True)
     # The most parameters that trained at once (for a fixed depth: all along).
     most = max(e.trainable_params for e in result.epochs)
     params = {"trainable_params": most, "frozen_params": trainable + frozen - most,

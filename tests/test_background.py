@@ -76,6 +76,26 @@ def test_a_background_run_ends_finished_with_everything_written(tracker, monkeyp
     assert [a.path for a in tracker.client.list_artifacts(run.run_id)] == ["config.yaml"]
 
 
+def test_a_runs_last_metrics_are_written_with_its_end_in_one_write(tracker, monkeypatch):
+    run = tracker.start("r", flush_every_s=0.0, background=True)  # every call: a write
+    batches, log_batch = [], run.client.log_batch
+    monkeypatch.setattr(run.client, "log_batch",
+                        lambda run_id, **batch: (batches.append(batch), log_batch(run_id, **batch)))
+    run.metrics({"val_acc": 0.5}, step=1)
+    run.metrics({"val_acc": 0.6}, step=2, last=True)  # the last epoch's, then the final ones
+    run.metrics({"best_val_acc": 0.6, "train_time_s": 1.5}, step=2, last=True)
+    run.finish(State.COMPLETE)
+
+    assert len(batches) == 2  # the first epoch's; the rest with the state, as the run ends
+    assert [m.key for m in batches[1]["metrics"]] == ["val_acc", "best_val_acc", "train_time_s"]
+    assert [t.value for t in batches[1]["tags"]] == ["complete"]
+    got = tracker.client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.metrics == {"val_acc": 0.6, "best_val_acc": 0.6, "train_time_s": 1.5}
+    history = tracker.client.get_metric_history(run.run_id, "val_acc")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6)]
+
+
 def test_a_sqlite_store_writes_ahead_and_another_sqlite_file_is_left_as_it_is(tracker, tmp_path):
     run = tracker.start("r")
     run.metrics({"val_acc": 0.5})
