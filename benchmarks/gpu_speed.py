@@ -1,6 +1,6 @@
 """Naive fine-tuning against this project's trial path at a realistic size, on a GPU.
 
-    python -m benchmarks.gpu_speed [--epochs 3] [--depths 17,12,8,4,3,0] [--no-bn]
+    python -m benchmarks.gpu_speed [--epochs 3] [--depths 17,12,8,4,3,0] [--no-bn] [--no-table]
                                    [--study every-depth|default|none] [--study-epochs 10]
                                    [--study-trials N]
                                    [--naive-workers N] [--tiny] [OVERRIDE ...]
@@ -208,6 +208,37 @@ def study_target(study: dict, verdict: Callable[[bool], str]) -> str:
             f"(>= {STUDY_SHARE:.0%}): {verdict(ratio >= STUDY_SHARE * bound)}")
 
 
+def table(cfg: DictConfig, state, origin: str, depths: list[int], device: torch.device,
+          verdict: Callable[[bool], str], work: Path, args: argparse.Namespace) -> None:
+    """The per-depth table (naive's epochs, then ours', at each depth) and its targets."""
+    n_units = int(cfg.backbone.num_units)
+    data = data_mod.load(cfg.dataset)
+    print(f"{cfg.backbone.name}, {n_units} freeze units, {cfg.dataset.name} classes "
+          f"{list(cfg.dataset.classes)} at {cfg.dataset.image_size} px: {len(data.train)} train / "
+          f"{len(data.val)} val / {len(data.test)} test, batch {cfg.trainer.batch_size}, "
+          f"{cfg.trainer.epochs} epochs, bf16 autocast {'on' if cfg.trainer.amp else 'off'} (GPU only), "
+          f"channels_last (GPU only), cache {cfg.cache.dtype}; weights {origin}")
+    print(f"naive: DataLoader (workers: {args.naive_workers}, pinned memory on a GPU, per-sample "
+          "transforms), autocast, requires_grad=False, model.train(), full forward, torch's default "
+          "SGD; ours: the trial path (cache, rows kept on the GPU, fused SGD)", flush=True)
+    print(HEADER)
+    print("-" * len(HEADER), flush=True)
+    rows = {}
+    for unfrozen in depths:
+        rows[unfrozen] = depth_row(cfg, data, state, origin, unfrozen, device, args)
+        print_row(rows[unfrozen])
+    print("s: median epoch time (training steps, synchronised); /s: training images per second; "
+          "GB: peak GPU memory of the recipe; naive/ours/ours+bn: validation accuracy after the "
+          "last epoch; fill s: ours' one-off train cache fill")
+    layer4 = sum(name.startswith("layer4") for name in rows[depths[0]]["names"])
+    print(f"targets (an H100 at batch 128; measured on {_describe(device)}):")
+    for line in table_targets(rows, n_units, layer4, verdict):
+        print(f"  {line}", flush=True)
+    del data
+    ENTRIES.drain()
+    shutil.rmtree(work / "cache-table", ignore_errors=True)  # GBs at 224 px; the study fills its own
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=None,
@@ -219,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depths", default=None,
                         help="units left trainable, comma-separated (default 17,12,8,4,3,0: all, "
                              "..., layer3.5 + layer4, layer4, head only)")
+    parser.add_argument("--no-table", dest="table", action="store_false",
+                        help="skip the per-depth table: the study only (with its pretraining)")
     parser.add_argument("--no-bn", dest="bn", action="store_false",
                         help="skip the ours+bn accuracy column (saves one fit per depth)")
     parser.add_argument("--study", choices=("every-depth", "default", "none"), default="every-depth",
@@ -262,33 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(str(cfg.trainer.device))
     verdict = _verdict(device, int(cfg.trainer.batch_size))
     state, origin = resolve_weights(cfg)  # pretrain the source checkpoint first: not timed
-    data = data_mod.load(cfg.dataset)
     print(f"device: {_describe(device)}")
-    print(f"{cfg.backbone.name}, {n_units} freeze units, {cfg.dataset.name} classes "
-          f"{list(cfg.dataset.classes)} at {cfg.dataset.image_size} px: {len(data.train)} train / "
-          f"{len(data.val)} val / {len(data.test)} test, batch {cfg.trainer.batch_size}, "
-          f"{cfg.trainer.epochs} epochs, bf16 autocast {'on' if cfg.trainer.amp else 'off'} (GPU only), "
-          f"channels_last (GPU only), cache {cfg.cache.dtype}; weights {origin}")
-    print(f"naive: DataLoader (workers: {args.naive_workers}, pinned memory on a GPU, per-sample "
-          "transforms), autocast, requires_grad=False, model.train(), full forward, torch's default "
-          "SGD; ours: the trial path (cache, rows kept on the GPU, fused SGD)", flush=True)
-    print(HEADER)
-    print("-" * len(HEADER), flush=True)
-    rows = {}
-    for unfrozen in depths:
-        rows[unfrozen] = depth_row(cfg, data, state, origin, unfrozen, device, args)
-        print_row(rows[unfrozen])
-    print("s: median epoch time (training steps, synchronised); /s: training images per second; "
-          "GB: peak GPU memory of the recipe; naive/ours/ours+bn: validation accuracy after the "
-          "last epoch; fill s: ours' one-off train cache fill")
-    layer4 = sum(name.startswith("layer4") for name in rows[depths[0]]["names"])
-    print(f"targets (an H100 at batch 128; measured on {_describe(device)}):")
-    for line in table_targets(rows, n_units, layer4, verdict):
-        print(f"  {line}", flush=True)
-    del data
-    ENTRIES.drain()
-    shutil.rmtree(work / "cache-table", ignore_errors=True)  # GBs at 224 px; the study fills its own
-
+    if args.table:
+        table(cfg, state, origin, depths, device, verdict, work, args)
     if args.study != "none":
         epochs = args.study_epochs or int(compose(overrides=base).trainer.epochs)
         print(f"study: {epochs} epochs per trial", flush=True)

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/../.."
 GPU_PYTHON=${GPU_PYTHON:-3.12}   # the GPU image's Python
 [ -x .venv/bin/python ] || { echo "prep.sh: no .venv here; run ./setup.sh first" >&2; exit 1; }
 mkdir -p .gpu/whl .gpu/data
+rm -rf .gpu/site  # what run.sh installed on a GPU machine; never carried from here
 git check-ignore -q .gpu || { echo "prep.sh: .gpu/ is not git-ignored; add /.gpu/ to .gitignore" >&2; exit 1; }
 
 # Python packages the GPU image already has (its package list of 2026-11-17): the rest travels.

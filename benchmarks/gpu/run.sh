@@ -7,9 +7,11 @@
 # four take more than one 10-minute call: `study tests` (about 300 s), `bench`, then `readme`.
 #   study   the default study, then its model exported: python -m sweeper.run -m; python -m sweeper.export
 #   tests   the tests marked gpu:           python -m pytest -m gpu  (GPU_TESTS=EXPR: only -k EXPR)
-#   bench   the GPU benchmark:              python -m benchmarks.gpu_speed
+#   bench   the GPU benchmark:              python -m benchmarks.gpu_speed  (BENCH_ARGS=...: its options,
+#           e.g. --no-table for the study alone; WRAP=...: a command it runs under, e.g. a profiler)
 #   readme  README commands: a ResNet-50 trial, the report, a rerun, a basic sweep, the CPU benchmark
-# Each step's log is $OUT/<step>.log (default OUT=.gpu/out); $OUT/summary.txt has one line per step.
+# Each step's log is $OUT/<step>.log (default OUT=.gpu/out); $OUT/summary.txt has one line per step
+# (appended to: several runs in one call share it).
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-.gpu/out}; BUDGET=${BUDGET:-480}; PY=${PY:-python3}
@@ -20,9 +22,10 @@ steps=${*:-study tests bench readme}
 
 if ! "$PY" -c "import hydra, optuna, mlflow, hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
   [ -d .gpu/whl ] || { echo "run.sh: no .gpu/whl: run benchmarks/gpu/prep.sh first, where PyPI is reachable" >&2; exit 1; }
-  site=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
-      --target "$site" .gpu/whl/*.whl 2>&1 | grep -v WARNING | tail -3
+  site=$PWD/.gpu/site  # installed once per machine: a second run.sh in the same call reuses it
+  [ -e "$site/.done" ] || { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --disable-pip-version-check --target "$site" .gpu/whl/*.whl 2>&1 | grep -v WARNING | tail -3
+      touch "$site/.done"; }
   export PYTHONPATH=$PWD:$site
 else
   export PYTHONPATH=$PWD
@@ -37,7 +40,7 @@ done
 torch.version.cuda, 'available', torch.cuda.is_available(), '| torchvision', torchvision.__version__,
 '| optuna', optuna.__version__, '| mlflow', mlflow.__version__)"; nproc; free -g | head -2; df -h . | tail -1
 } 2>&1 | tee "$OUT/env.txt"
-echo "== setup $(( $(date +%s) - S )) s" | tee "$OUT/summary.txt"
+echo "== setup $(( $(date +%s) - S )) s" | tee -a "$OUT/summary.txt"
 
 # step NAME LIMIT COMMAND...: COMMAND with at most LIMIT seconds, fewer when the budget runs out.
 step() {
@@ -74,7 +77,7 @@ for s in $steps; do
             step export 60 "$PY" -m sweeper.export ;;
     tests)  step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider --durations=12 \
                  ${GPU_TESTS:+-k "$GPU_TESTS"} ;;
-    bench)  step bench 480 "$PY" -m benchmarks.gpu_speed ;;
+    bench)  step bench 480 ${WRAP:-} "$PY" -m benchmarks.gpu_speed ${BENCH_ARGS:-} ;;
     readme)
       step trial_resnet50 60 "$PY" -m sweeper.run backbone=resnet50 freeze.unfrozen=3 optim.lr_head=0.01
       step report 30 "$PY" -m sweeper.report
