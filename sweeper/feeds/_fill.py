@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import nn
 
 from sweeper import timing
@@ -42,6 +43,7 @@ from sweeper.feeds._memory import MEMORY
 log = logging.getLogger("sweeper.feeds")
 
 FILL_BATCH = 256
+WAIT_SAY_S = 60  # how often a wait for an entry another trial or process fills says so
 
 
 @torch.no_grad()
@@ -220,7 +222,7 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path,
     rows, how, spent, mapped = None, "hit (disk)", 0.0, False
     # Not thread-local: a fill that leaves its rows on the GPU hands the lock to the writer.
     lock = FileLock(str(path.with_suffix(".lock")), thread_local=False)
-    with lock:
+    with _held(lock, path):
         if path.exists():
             try:
                 mapped = entries.read_header(path, key)["nbytes"] > MEMORY.budget
@@ -249,6 +251,24 @@ def prefix_outputs(prefix: Prefix, cut: int, directory: Path,
         mapped = True
     return Feed(rows, labels, rows_prepare(prefix.model, cut), how, meta["fill_time_s"],
                 meta["nbytes"], mapped, cut), spent
+
+
+@contextmanager
+def _held(lock: FileLock, path: Path) -> Iterator[None]:
+    """``lock``, waited for as long as it takes (saying so every minute), then released.
+    Each wait is bounded: filelock 3.x takes an unbounded wait in a thread whose earlier lock
+    on the same file another thread released (the writer behind a GPU fill) for a deadlock
+    and raises, where the lock is in fact free."""
+    while True:
+        try:
+            lock.acquire(timeout=WAIT_SAY_S)
+            break
+        except Timeout:
+            log.info("Feature cache: waiting for %s, which another trial or process is filling", path)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _write_passed(prefix: Prefix, directory: Path, passed: list[tuple[int, torch.Tensor, dict]]
