@@ -129,6 +129,9 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std) -> None:
         super().__init__()
+        # As given, on the host whatever device the buffers move to: a cache key hashes these
+        # (reading the buffers back from a GPU waits for all the work queued before it).
+        self.stats = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 

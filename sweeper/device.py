@@ -200,17 +200,36 @@ def ready_event(device: torch.device) -> torch.cuda.Event | None:
     return event
 
 
+STAGE_BYTES = 64 * 2**20  # the page-locked buffer a download goes through
+
+
 def download(rows: torch.Tensor, ready: torch.cuda.Event | None) -> torch.Tensor:
     """A CPU copy of ``rows`` once ``ready`` (:func:`ready_event`) has passed, for a thread
-    other than the training loop's: on a GPU it is copied on a side stream, so the training
-    stream does not wait for it (the host memory's first touch costs about 1 s per GB)."""
+    other than the training loop's. On a GPU it is copied on a side stream through a
+    page-locked buffer, :data:`STAGE_BYTES` at a time: one copy straight into pageable memory
+    holds the driver's staging path for its whole length (about 1 s per GB of new host
+    memory), and every small copy the training thread made meanwhile (a loss read by
+    ``.item()``, a key's bytes) waited behind it, 5 s of the GPU benchmark's study on an H200."""
     if rows.device.type != "cuda":
         return rows
+    host = torch.empty(rows.shape, dtype=rows.dtype)
+    src = rows.contiguous().view(-1).view(torch.uint8)
+    dst = host.view(-1).view(torch.uint8)
+    if not len(src):
+        return host
+    stage = torch.empty(min(STAGE_BYTES, len(src)), dtype=torch.uint8, pin_memory=True)
     side = torch.cuda.Stream(rows.device)
     if ready is not None:
         side.wait_event(ready)
+    copied = torch.cuda.Event()
     with torch.cuda.stream(side):
-        return rows.to("cpu")
+        for start in range(0, len(src), len(stage)):
+            n = min(len(stage), len(src) - start)
+            stage[:n].copy_(src[start:start + n], non_blocking=True)
+            copied.record(side)
+            copied.synchronize()  # (this thread only; the training stream goes on)
+            dst[start:start + n].copy_(stage[:n])
+    return host
 
 
 def _count(rows: torch.Tensor, idx: torch.Tensor | slice) -> int:

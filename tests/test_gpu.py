@@ -128,6 +128,28 @@ def test_a_fill_the_trial_keeps_on_the_gpu_is_written_behind_it(make_cfg, output
     assert cache.prefix_outputs(prefix, cut, outputs / "c")[0].rows.device.type == "cpu"
 
 
+def test_a_download_behind_the_trial_copies_every_byte():
+    # Through the page-locked buffer in chunks: three whole ones and a last one of 14 bytes.
+    device = dev.resolve_device("cuda")
+    rows = torch.randn(3 * dev.STAGE_BYTES // 2 + 7, device=device).half()
+    host = dev.download(rows, dev.ready_event(device))
+    assert host.device.type == "cpu" and host.dtype == rows.dtype and torch.equal(host, rows.cpu())
+
+
+def test_a_splits_cache_key_never_waits_for_the_gpu(make_cfg):
+    # Keys are made while the writer behind a GPU fill copies GBs off the GPU: a key that read
+    # the normalisation back from the GPU waited for all of it (5 s of the GPU benchmark).
+    data = data_mod.load(make_cfg(*ON_GPU).dataset)
+    on_host = cache.split_digest(data.train, data_mod.Normalize(*data.normalize.stats))
+    on_gpu = data_mod.Normalize(*data.normalize.stats).to(dev.resolve_device("cuda"))
+    torch.cuda.set_sync_debug_mode("error")  # raises at any operation that waits for the GPU
+    try:
+        key = cache.split_digest(data.train, on_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert key == on_host
+
+
 @pytest.mark.parametrize("overrides", [
     ["freeze.unfrozen=2"],  # cached train/val/test, kept on the GPU
     ["freeze.unfrozen=9"],  # nothing frozen: images on the GPU, whole model every step

@@ -82,8 +82,8 @@ def split_digest(split: Split, normalize: Normalize) -> str:
     h = new_hash()
     h.update(f"{split.images.dtype}:{tuple(split.images.shape)}".encode())
     h.update(_images_digest(split.images))
-    h.update(tensor_bytes(normalize.mean))
-    h.update(tensor_bytes(normalize.std))
+    for stat in normalize.stats:  # the same bytes as the float32 buffers, read on the host
+        h.update(tensor_bytes(torch.tensor(stat, dtype=torch.float32)))
     return h.hexdigest()
 
 
