@@ -132,8 +132,8 @@ class Normalize(nn.Module):
         # As given, on the host whatever device the buffers move to: a cache key hashes these
         # (reading the buffers back from a GPU waits for all the work queued before it).
         self.stats = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        for name, stat in zip(("mean", "std"), self.stats, strict=True):
+            self.register_buffer(name, torch.tensor(stat, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255)

@@ -23,9 +23,9 @@ steps=${*:-study tests bench readme}
 if ! "$PY" -c "import hydra, optuna, mlflow, hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
   [ -d .gpu/whl ] || { echo "run.sh: no .gpu/whl: run benchmarks/gpu/prep.sh first, where PyPI is reachable" >&2; exit 1; }
   site=$PWD/.gpu/site  # installed once per machine: a second run.sh in the same call reuses it
-  [ -e "$site/.done" ] || { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      --disable-pip-version-check --target "$site" .gpu/whl/*.whl 2>&1 | grep -v WARNING | tail -3
-      touch "$site/.done"; }
+  PYTHONPATH=$site "$PY" -c "import hydra, optuna, mlflow, hydra_plugins.hydra_joblib_launcher" 2>/dev/null \
+    || "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+         --disable-pip-version-check --target "$site" .gpu/whl/*.whl 2>&1 | grep -v WARNING | tail -3
   export PYTHONPATH=$PWD:$site
 else
   export PYTHONPATH=$PWD
