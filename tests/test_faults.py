@@ -192,34 +192,62 @@ def test_sweeps_started_at_once_on_a_new_folder_share_the_study(outputs, mlflow_
 
 # --- Ctrl-C ----------------------------------------------------------------------------------
 
+def _in_training(mlflow_client, kind: str = "trial", metric: str = "trainable_params") -> bool:
+    """Whether a RUNNING run of ``kind`` has logged ``metric`` (a trial: its model is built, and
+    it ends KILLED from here on)."""
+    if not Path(mlflow_client.tracking_uri.removeprefix("sqlite:///")).exists():
+        return False
+    exp = mlflow_client.get_experiment_by_name("sweeper")
+    if exp is None:
+        return False
+    runs = mlflow_client.search_runs([exp.experiment_id],
+                                     f"tags.`sweeper.kind` = '{kind}' and "
+                                     "attributes.status = 'RUNNING'")
+    return any(metric in r.data.metrics for r in runs)
+
+
 def _wait_for_a_trial(mlflow_client, proc: subprocess.Popen, timeout: float = 600,
-                      kind: str = "trial", metric: str = "trainable_params") -> None:
-    """Until a trial's run is inside its training steps (its model built: the trial ends
-    KILLED from here on); with ``kind`` and ``metric``: until a run of that kind has logged
-    that metric."""
+                      **what) -> None:
+    """Until a trial's run is inside its training steps; with ``kind`` and ``metric``: until
+    a run of that kind has logged that metric (:func:`_in_training`)."""
     end = time.time() + timeout
     while time.time() < end:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        exp = mlflow_client.get_experiment_by_name("sweeper") if (
-            Path(mlflow_client.tracking_uri.removeprefix("sqlite:///")).exists()) else None
-        if exp is not None:
-            runs = mlflow_client.search_runs([exp.experiment_id],
-                                             f"tags.`sweeper.kind` = '{kind}' and "
-                                             "attributes.status = 'RUNNING'")
-            if any(metric in r.data.metrics for r in runs):
-                return
+        if _in_training(mlflow_client, **what):
+            return
         time.sleep(0.1)
     pytest.fail("no trial got as far as its model")
 
 
 def _stopped(cmd: list[str], mlflow_client, sig: int = signal.SIGINT,
-             **wait) -> tuple[int, str, str]:
-    """``cmd`` started, sent ``sig`` once a run is inside its training (``wait``: as
-    :func:`_wait_for_a_trial`), and its exit status, stdout and stderr."""
+             **what) -> tuple[int, str, str]:
+    """``cmd`` started, sent ``sig`` while a run is inside its training (``what``: as
+    :func:`_wait_for_a_trial`), and its exit status, stdout and stderr.
+
+    The process is held still (SIGSTOP) while the store is asked again whether that run is
+    still inside its training, and ``sig`` is sent only then: a busy machine can make the
+    first answer seconds old, by which time a short trial, or the whole study, has ended
+    (a study that had finished took no signal and exited 0). Ctrl-C is sent as a terminal
+    sends it to a program in the foreground: with SIGINT's default action, even where this
+    test runs in a background job that ignores it."""
+    def sigint_default() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for_a_trial(mlflow_client, proc, **wait)
-    proc.send_signal(sig)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
+    while True:
+        _wait_for_a_trial(mlflow_client, proc, **what)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            inside = _in_training(mlflow_client, **what)
+        except Exception:  # noqa: BLE001 - the store locked by the held process: ask again
+            inside = False
+        if inside:
+            proc.send_signal(sig)  # delivered where the process stands, once it goes on
+        proc.send_signal(signal.SIGCONT)
+        if inside:
+            break
+        time.sleep(0.1)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out, err
 
