@@ -225,9 +225,9 @@ def _stopped(cmd: list[str], mlflow_client, sig: int = signal.SIGINT,
     :func:`_wait_for_a_trial`), and its exit status, stdout and stderr.
 
     The process is held still (SIGSTOP) while the store is asked again whether that run is
-    still inside its training, and ``sig`` is sent only then: a busy machine can make the
-    first answer seconds old, by which time a short trial, or the whole study, has ended
-    (a study that had finished took no signal and exited 0). Ctrl-C is sent as a terminal
+    still inside its training, and ``sig`` is sent only then: on a busy machine the first
+    answer can be stale by the time the signal goes, after a short trial, or the whole study,
+    has ended (two CI runs saw a study exit 0 after its signal). Ctrl-C is sent as a terminal
     sends it to a program in the foreground: with SIGINT's default action, even where this
     test runs in a background job that ignores it."""
     def sigint_default() -> None:
