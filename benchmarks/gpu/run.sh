@@ -20,10 +20,11 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HYDRA_FULL_ERROR=1
 S=$(date +%s); deadline=$(( S + BUDGET ))
 steps=${*:-study tests bench readme}
 
-if ! "$PY" -c "import hydra, optuna, mlflow, hydra_plugins.hydra_joblib_launcher" 2>/dev/null; then
+needs="import hydra, optuna, mlflow, hydra_plugins.hydra_joblib_launcher"  # what the image lacks
+if ! "$PY" -c "$needs" 2>/dev/null; then
   [ -d .gpu/whl ] || { echo "run.sh: no .gpu/whl: run benchmarks/gpu/prep.sh first, where PyPI is reachable" >&2; exit 1; }
   site=$PWD/.gpu/site  # installed once per machine: a second run.sh in the same call reuses it
-  PYTHONPATH=$site "$PY" -c "import hydra, optuna, mlflow, hydra_plugins.hydra_joblib_launcher" 2>/dev/null \
+  PYTHONPATH=$site "$PY" -c "$needs" 2>/dev/null \
     || "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
          --disable-pip-version-check --target "$site" .gpu/whl/*.whl 2>&1 | grep -v WARNING | tail -3
   export PYTHONPATH=$PWD:$site
