@@ -296,7 +296,7 @@ def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs
     # first metrics, lands inside it (at 5 epochs it sometimes landed after the trial's end)
     overrides = ("hydra.sweeper.n_trials=2", "trainer.epochs=40")
     rc, out, err = _stopped(_sweep_cmd(outputs, *overrides), mlflow_client)
-    assert rc == 130, err[-3000:]
+    assert rc == 130, (out + err)[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
     assert f"Interrupted: study '{STUDY}' is resumable" in err.strip().splitlines()[-1]
     assert "run the same command again to resume it" in err
@@ -309,7 +309,7 @@ def test_ctrl_c_says_the_study_is_resumable_and_the_resume_is_clean(cli, outputs
     # Interrupted again, while it runs the interrupted trial (it runs first) or the next one:
     # whichever it was runs again too, not only once
     rc, out, err = _stopped(_sweep_cmd(outputs, *overrides), mlflow_client)
-    assert rc == 130, err[-3000:]
+    assert rc == 130, (out + err)[-3000:]
     study = load_study(outputs)
     assert study.trials[killed.number + 1].user_attrs["resumes"] == killed.number
     (killed2,) = [t for t in study.trials
@@ -340,7 +340,7 @@ def test_ctrl_c_or_sigterm_in_one_trial_is_one_line_and_its_run_ends_killed(sig,
     cmd = [sys.executable, "-m", "sweeper.run", *TINY, f"paths.outputs={outputs}",
            "trainer.epochs=200"]
     rc, out, err = _stopped(cmd, mlflow_client, sig)
-    assert rc == 128 + sig
+    assert rc == 128 + sig, (out + err)[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
     assert "ended KILLED; run the same command again" in err.strip().splitlines()[-1]
     exp = mlflow_client.get_experiment_by_name("sweeper")
@@ -356,7 +356,7 @@ def test_sigterm_during_source_pretraining_ends_its_run_killed(outputs, mlflow_c
            "source.dataset.val_per_class=2", "source.dataset.test_per_class=2",
            "source.trainer.epochs=500", "source.trainer.batch_size=8"]
     rc, out, err = _stopped(cmd, mlflow_client, signal.SIGTERM, kind="pretrain", metric="val_acc")
-    assert rc == 143, err[-3000:]
+    assert rc == 143, (out + err)[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
     exp = mlflow_client.get_experiment_by_name("sweeper").experiment_id
     runs = {r.data.tags["sweeper.kind"]: r for r in mlflow_client.search_runs([exp])}
@@ -369,7 +369,7 @@ def test_sigterm_during_source_pretraining_ends_its_run_killed(outputs, mlflow_c
 def test_sigterm_stops_a_study_as_ctrl_c_does_nothing_left_running(outputs, mlflow_client):
     rc, out, err = _stopped(_sweep_cmd(outputs, "hydra.sweeper.n_trials=2", "trainer.epochs=200"),
                             mlflow_client, signal.SIGTERM)
-    assert rc == 143, err[-3000:]
+    assert rc == 143, (out + err)[-3000:]
     assert "Traceback" not in err + out, err[-3000:]
     assert f"Interrupted: study '{STUDY}' is resumable" in err.strip().splitlines()[-1]
     parent, children = study_runs(mlflow_client)
