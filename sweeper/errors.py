@@ -136,7 +136,11 @@ def log_trace(logger: logging.Logger, error: BaseException, what: str) -> None:
                                     (what,), (type(error), error, error.__traceback__)))
 
 
-def _by_an_interrupt(error: BaseException | None) -> bool:
+def by_an_interrupt(error: BaseException | None) -> bool:
+    """Whether ``error`` is Ctrl-C or SIGTERM, or was raised in its place: clean-up code that
+    fails while an interrupt passes through it (a lock's release, a cursor's close) leaves the
+    interrupt only as the new error's ``__context__``, and the interrupt must still stop what
+    was running."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):
@@ -154,7 +158,7 @@ class InterruptTracesToLogFiles(logging.Filter):
     (:func:`exit_interrupted`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and _by_an_interrupt(record.exc_info[1]):
+        if record.exc_info and by_an_interrupt(record.exc_info[1]):
             _to_log_files(record)
             return False
         return True

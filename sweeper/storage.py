@@ -8,6 +8,7 @@ the processes and machines that share a study.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -61,6 +62,28 @@ def rdb_url(storage: str) -> str:
 _RUNNING_TRIAL_OPS = frozenset({7, 8, 9})
 
 
+class _Lock(JournalFileSymlinkLock):
+    """Optuna's symlink lock, whose release lets Ctrl-C and SIGTERM through as themselves.
+
+    Optuna 5's release, interrupted before it renames the link away, removes the renamed
+    file that does not exist yet: the FileNotFoundError takes the interrupt's place (a study
+    took a Ctrl-C for a failed trial and went on), and the lock stays held (every later write
+    waits out its grace period, 30 s). Here the release is finished first, then the interrupt
+    raised."""
+
+    def release(self) -> None:
+        try:
+            super().release()
+            return
+        except FileNotFoundError as e:
+            if not isinstance(e.__context__, KeyboardInterrupt):
+                raise
+            interrupt = e.__context__
+        with contextlib.suppress(RuntimeError):  # (released meanwhile: forced by a waiter)
+            super().release()  # not renamed yet: the link is still this process's
+        raise interrupt
+
+
 class Journal(JournalFileBackend):
     """Optuna's journal file, synced to the disk (fsync) where a study could otherwise lose
     what it resumes from after the machine itself crashes: a study's creation and attributes,
@@ -71,12 +94,13 @@ class Journal(JournalFileBackend):
     nothing either way (its writes are in the kernel's hands). About three quarters of a default
     study's thousand journal writes, each of which waited for the disk.
 
-    The same file, lines and lock (:class:`~optuna.storages.journal.JournalFileSymlinkLock`)
-    as ``JournalFileBackend``: Optuna and other processes read it as theirs."""
+    The same file, lines and lock (:class:`~optuna.storages.journal.JournalFileSymlinkLock`,
+    its release mended: :class:`_Lock`) as ``JournalFileBackend``: Optuna and other processes
+    read it as theirs."""
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._lock_obj = JournalFileSymlinkLock(path)
+        self._lock_obj = _Lock(path)
         super().__init__(path, self._lock_obj)
 
     def append_logs(self, logs: list[dict]) -> None:

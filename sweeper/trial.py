@@ -21,7 +21,7 @@ from sweeper import data as data_mod
 from sweeper import feeds, schedule, timing
 from sweeper.config import config_yaml, resolved
 from sweeper.device import configure, place_model, resolve_device
-from sweeper.errors import Interrupted, interruption
+from sweeper.errors import Interrupted, by_an_interrupt, interruption
 from sweeper.model import FreezeNet, build
 from sweeper.pretrain import pretrain_if_needed, pretrain_run_id, resolve_weights
 from sweeper.states import StateStore
@@ -144,8 +144,9 @@ def run_trial(cfg: DictConfig, *, parent_run_id: str | None = None,
         # run is then ended FAILED with it and its batch written, not left RUNNING.
         run.finish(State.COMPLETE)
     except BaseException as e:
-        run.finish(_ended_by(e), interruption() if isinstance(e, KeyboardInterrupt) else e)
-        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+        interrupted = by_an_interrupt(e)
+        run.finish(_ended_by(e), interruption() if interrupted else e)
+        if interrupted and not isinstance(e, Interrupted):
             raise Interrupted(f"Interrupted: the trial's MLflow run {run.run_id} ended KILLED; "
                               "run the same command again to train it.") from None
         raise
@@ -296,7 +297,7 @@ def _ended_by(error: BaseException) -> State:
 
     if isinstance(error, optuna.TrialPruned):
         return State.PRUNED
-    return State.KILLED if isinstance(error, KeyboardInterrupt) else State.FAILED
+    return State.KILLED if by_an_interrupt(error) else State.FAILED
 
 
 def _bn_stats(cfg: DictConfig) -> str:

@@ -381,6 +381,53 @@ def test_sigterm_stops_a_study_as_ctrl_c_does_nothing_left_running(outputs, mlfl
     assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states  # run again
 
 
+def test_ctrl_c_in_the_journal_lock_is_ctrl_c_and_leaves_the_lock_free(tmp_path, monkeypatch):
+    """A signal that lands in the study journal's lock, just before its release renames the
+    link away: the command still stops as Ctrl-C (Optuna's own release turned it into a
+    FileNotFoundError, which failed the trial and let the study go on), and the next write
+    finds the lock free instead of waiting out its grace period."""
+    import optuna
+
+    from sweeper.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "journal.log"))
+    rename, signalled = os.rename, []
+
+    def signal_first(src, dst):
+        if not signalled:
+            signalled.append(dst)
+            raise KeyboardInterrupt
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", signal_first)
+    with pytest.raises(KeyboardInterrupt):
+        optuna.create_study(storage=storage, study_name="interrupted")
+    monkeypatch.undo()
+    assert signalled and not os.path.lexists(tmp_path / "journal.log.lock")
+    optuna.create_study(storage=storage, study_name="next")
+
+
+def test_an_interrupt_that_clean_up_code_replaced_still_ends_the_trial_killed(make_cfg,
+                                                                            mlflow_client):
+    """A library's clean-up that fails while Ctrl-C passes through it raises its own error
+    in the interrupt's place: the trial is still interrupted (KILLED, to run again), not
+    failed."""
+    from sweeper.trial import run_trial
+
+    def on_epoch(stats):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            Path("/nonexistent/lock.rename").unlink()  # FileNotFoundError, the interrupt its context
+
+    with pytest.raises(KeyboardInterrupt, match="ended KILLED; run the same command again"):
+        run_trial(make_cfg(), on_epoch=on_epoch)
+    exp = mlflow_client.get_experiment_by_name("sweeper")
+    runs = mlflow_client.search_runs([exp.experiment_id], "tags.`sweeper.kind` = 'trial'")
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert runs[0].data.tags["error"].startswith("interrupted")
+
+
 def test_a_failed_trial_is_one_line_on_the_console_its_trace_in_the_job_log(cli, outputs):
     # At a depth with backbone units: the default study starts head-only, which one epoch at
     # this rate on fake data need not break.
