@@ -227,7 +227,8 @@ def _stopped(cmd: list[str], mlflow_client, sig: int = signal.SIGINT,
     The process is held still (SIGSTOP) while the store is asked again whether that run is
     still inside its training, and ``sig`` is sent only then: on a busy machine the first
     answer can be stale by the time the signal goes, after a short trial, or the whole study,
-    has ended (two CI runs saw a study exit 0 after its signal). Ctrl-C is sent as a terminal
+    has ended. (The studies that CI saw exit 0 after their signal had lost it in the journal's
+    lock: :class:`sweeper.storage.Journal`, fixed there.) Ctrl-C is sent as a terminal
     sends it to a program in the foreground: with SIGINT's default action, even where this
     test runs in a background job that ignores it."""
     def sigint_default() -> None:
